@@ -1,0 +1,110 @@
+"""Exclusive claims on run directories, safe across processes and hosts on a shared filesystem.
+
+A claim is a ``lock`` file created with O_EXCL holding host, pid, start time and a heartbeat that its owner
+refreshes. A claim is stale when its pid is dead on this host, or its heartbeat is older than ``stale_after_s``;
+a stale claim is taken over by renaming it away atomically (only one contender wins the rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_claim(lock: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": "?", "pid": -1, "heartbeat": lock.stat().st_mtime if lock.exists() else 0}
+
+
+def is_stale(claim: dict[str, Any], stale_after_s: float) -> bool:
+    if claim.get("host") == HOST and not _pid_alive(int(claim.get("pid", -1))):
+        return True
+    return time.time() - float(claim.get("heartbeat", 0)) > stale_after_s
+
+
+class Claim:
+    """Context manager: ``with Claim(lock_path) as ok:`` — ok is False when someone else holds the run."""
+
+    def __init__(self, lock: Path, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
+                 info: dict[str, Any] | None = None):
+        self.lock, self.heartbeat_s, self.stale_after_s = Path(lock), heartbeat_s, stale_after_s
+        self.info = {"host": HOST, "pid": os.getpid(), "started": time.time(), **(info or {})}
+        self.held = False
+        self.took_over: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write_new(self) -> bool:
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({**self.info, "heartbeat": time.time()}, f)
+        return True
+
+    def acquire(self) -> bool:
+        if self._write_new():
+            self.held = True
+        else:
+            claim = read_claim(self.lock)
+            if claim is not None and not is_stale(claim, self.stale_after_s):
+                return False
+            grave = self.lock.with_name(f"lock.stale.{os.getpid()}.{time.time_ns()}")
+            try:
+                os.rename(self.lock, grave)       # atomic: one contender wins
+            except FileNotFoundError:
+                pass
+            else:
+                grave.unlink(missing_ok=True)
+            self.took_over = claim
+            self.held = self._write_new()
+        if self.held:
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self.held
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            claim = read_claim(self.lock)
+            if not claim or claim.get("pid") != self.info["pid"] or claim.get("host") != HOST:
+                return                            # lost the claim (taken over): stop touching it
+            tmp = self.lock.with_name(f".lock.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
+            os.replace(tmp, self.lock)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.held:
+            claim = read_claim(self.lock)
+            if claim and claim.get("pid") == self.info["pid"] and claim.get("host") == HOST:
+                self.lock.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -1,0 +1,232 @@
+"""The ``mpbench`` command line: run, status, report, list, data, bench."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import mpbench
+from mpbench.errors import MpbenchError, UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _results_dir(results: str | None) -> Path:
+    return Path(results or os.environ.get("MPBENCH_RESULTS", "results"))
+
+
+def _data_dir(data: str | None) -> Path:
+    from mpbench.data import default_data_root
+
+    return Path(data) if data else default_data_root()
+
+
+results_option = click.option("--results", "results", type=click.Path(), default=None,
+                              help="results directory (default ./results, env MPBENCH_RESULTS)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(mpbench.__version__, prog_name="mpbench")
+@click.option("--debug", is_flag=True, help="show Python tracebacks on errors")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Benchmark regularizers (MetaPerturb and baselines) across architectures and datasets.
+
+    Typical use: `mpbench run suite=quickstart`, then `mpbench report suite=quickstart`.
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="print the plan (stages, runs, what is already done) and exit")
+@click.option("--force", is_flag=True, help="rerun runs that are already done")
+@click.option("--retry-failed", is_flag=True, help="retry runs that failed in an earlier invocation")
+@click.option("--fail-fast", is_flag=True, help="stop the suite at the first failed run")
+@results_option
+@click.option("--data", "data", type=click.Path(), default=None,
+              help="dataset directory (default: env MPBENCH_DATA, else a user cache dir)")
+def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bool, fail_fast: bool,
+        results: str | None, data: str | None) -> None:
+    """Run a suite: `mpbench run suite=NAME [key=value ...]`.
+
+    Every setting is a dotted key, e.g. train.steps=200 grid.seed=[0,1] grid.regularizer=[base,dropout]
+    launcher.name=pool launcher.slots=2. Finished runs are skipped, so rerunning resumes a sweep.
+    """
+    from mpbench.config import load_suite, parse_overrides
+    from mpbench.launchers import Request, run_plan
+    from mpbench.plan import expand
+    from mpbench.progress import SuiteProgress
+    from mpbench.store import prepare_results_dir
+
+    suite, rest = parse_overrides(list(overrides))
+    if suite is None:
+        raise UsageError("no suite given: `mpbench run suite=NAME` (see `mpbench list suites`)")
+    cfg = load_suite(suite, rest)
+    plan = expand(cfg)
+    res = _results_dir(results)
+    if dry_run:
+        _print_plan(plan, res)
+        return
+    res = prepare_results_dir(res)
+    with SuiteProgress(len(plan.jobs), plan.suite, console=err_console) as prog:
+        req = Request(plan, cfg, res, _data_dir(data), force=force, fail_fast=fail_fast, retry_failed=retry_failed,
+                      progress=prog)
+        outcomes = run_plan(req)
+    err_console.print(prog.summary(), highlight=False)
+    failed = [k for k, v in outcomes.items() if v == "failed"]
+    if failed:
+        err_console.print(f"{len(failed)} failed: `mpbench status suite={plan.suite}` shows why; "
+                          f"`mpbench run suite={suite} --retry-failed` retries them", highlight=False)
+        sys.exit(1)
+
+
+def _print_plan(plan, results: Path) -> None:
+    table = Table(title=f"plan for suite {plan.suite}: {len(plan.artifacts)} stage(s), {len(plan.runs)} run(s)")
+    for col in ("kind", "id", "state", "needs"):
+        table.add_column(col)
+    for job in plan.jobs:
+        rd = job.dir(results)
+        state = rd.state() if rd.path.exists() else "pending"
+        table.add_row(job.kind, job.id, state, ", ".join(job.deps))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("overrides", nargs=-1)
+@results_option
+def status(overrides: tuple[str, ...], results: str | None) -> None:
+    """Per suite: done / running / failed / pending runs; failed ones with their error line."""
+    from mpbench.status import suite_status
+
+    from mpbench.config import parse_overrides
+
+    suite, rest = parse_overrides(list(overrides))
+    if rest:
+        raise UsageError(f"status takes only suite=NAME, got {rest[0]!r}")
+    suite_status(_results_dir(results), suite, console)
+
+
+@cli.command()
+@click.argument("overrides", nargs=-1)
+@click.option("--format", "fmt", type=click.Choice(["table", "latex", "markdown", "csv"]), default="table",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="write to FILE instead of stdout")
+@results_option
+def report(overrides: tuple[str, ...], fmt: str, out: str | None, results: str | None) -> None:
+    """Aggregate a suite's runs: mean and 95% CI over seeds, best mean bold, missing seeds marked."""
+    from mpbench.config import parse_overrides
+    from mpbench.report import build_report
+    from mpbench.store import atomic_write
+
+    suite, rest = parse_overrides(list(overrides))
+    layout = {}
+    for item in rest:
+        key, value = item.split("=", 1)
+        if key not in ("rows", "columns", "metric"):
+            raise UsageError(f"report takes suite=, rows=, columns=, metric=; got {key!r}")
+        layout[key] = value if key == "metric" else value.strip("[]").split(",")
+    res = _results_dir(results)
+    if not res.is_dir():
+        raise UsageError(f"no results dir {res}: run `mpbench run suite=NAME` first or pass --results DIR")
+    text, skipped = build_report(res, suite, fmt, **layout)
+    if out:
+        atomic_write(Path(out), text if text.endswith("\n") else text + "\n")
+        err_console.print(f"wrote {out}", highlight=False)
+    elif fmt == "table":
+        console.print(text) if isinstance(text, str) else console.print(text)
+    else:
+        click.echo(text)
+    for name, reason in skipped:
+        err_console.print(f"skipped unreadable run dir {name}: {reason}", highlight=False)
+
+
+@cli.command(name="list")
+@click.argument("what", type=click.Choice(["regularizers", "models", "datasets", "suites", "stages", "launchers"]))
+@click.option("--sites", "sites_model", default=None, metavar="MODEL", help="with regularizers: insertion sites of MODEL")
+def list_(what: str, sites_model: str | None) -> None:
+    """List registered regularizers, models, datasets or suites with one-line descriptions."""
+    from mpbench.listing import list_registry
+
+    list_registry(what, console, sites_model)
+
+
+@cli.group()
+def data() -> None:
+    """Prepare and verify datasets (offline: from installed packages or files you place)."""
+
+
+@data.command("prepare")
+@click.argument("name")
+@click.option("--data", "root", type=click.Path(), default=None, help="dataset directory")
+def data_prepare(name: str, root: str | None) -> None:
+    """Make dataset NAME available offline (or print how to get it)."""
+    from mpbench.data import DATASETS
+
+    console.print(DATASETS.get(name)().prepare(_data_dir(root)), highlight=False)
+
+
+@data.command("verify")
+@click.argument("name")
+@click.option("--data", "root", type=click.Path(), default=None, help="dataset directory")
+def data_verify(name: str, root: str | None) -> None:
+    """Check that dataset NAME's files are present and parse."""
+    from mpbench.data import DATASETS
+
+    console.print(DATASETS.get(name)().verify(_data_dir(root)), highlight=False)
+
+
+@cli.command()
+@click.argument("what", type=click.Choice(["metaperturb", "loop"]))
+@click.option("--model", default="resnet20", show_default=True)
+@click.option("--batch", default=128, show_default=True)
+@click.option("--size", default=32, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--steps", default=20, show_default=True, help="measured steps per variant (interleaved)")
+@click.option("--device", default="cpu", show_default=True)
+def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str) -> None:
+    """Benchmarks: `metaperturb` (step time vs base network), `loop` (mpbench's loop vs bare PyTorch)."""
+    from mpbench import bench as benchmarks
+
+    fn = {"metaperturb": benchmarks.bench_metaperturb, "loop": benchmarks.bench_loop}[what]
+    out = fn(model=model, batch=batch, size=size, threads=threads, steps=steps, device=device)
+    for k, v in out.items():
+        console.print(f"{k:>22}: {v}", highlight=False)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        code = cli.main(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Abort:
+        err_console.print("aborted", highlight=False)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except MpbenchError as e:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume", highlight=False)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            raise
+        err_console.print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", soft_wrap=True,
+                          highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Suites: YAML files validated against a typed schema, with ``key=value`` overrides (OmegaConf dotlist)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mpbench.errors import UsageError, did_you_mean
+
+
+@dataclass
+class AugmentConfig:
+    crop_pad: int = 4          # random crop with this zero padding (0 = off)
+    flip: bool = True          # random horizontal flip
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 64
+    optimizer: str = "adam"            # adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 5e-4          # L2 through the optimizer (Adam, not AdamW), as in MetaPerturb's release
+    momentum: float = 0.9               # sgd only
+    schedule: str = "multistep"         # multistep | cosine | constant
+    milestones: list[float] = field(default_factory=lambda: [0.4, 0.7, 0.9])   # fractions of steps
+    gamma: float = 0.3
+    eval_every: int = 0                 # 0 = final evaluation only
+    eval_batch_size: int = 500
+    eval_passes: Optional[int] = None   # MC passes of periodic evals (None = the method's protocol)
+    final_eval_passes: Optional[int] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint_every: int = 0           # steps between resumable checkpoints (0 = only on SIGTERM/SIGUSR); not identity
+
+
+@dataclass
+class DataConfig:
+    image_size: Optional[int] = None    # None = the dataset's native size
+    channels: Optional[int] = None      # None = native; 3 makes grayscale sets 3-channel
+    per_class: Optional[int] = None     # first N training images of each class (s-CIFAR100 = 50)
+    classes: Optional[list[int]] = None  # class subset, relabelled in this order
+
+
+@dataclass
+class PretrainStage:
+    """Supervised training of the target architecture on a source dataset (for fine-tuning baselines)."""
+
+    dataset: str = "mnist5k"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class MetatrainStage:
+    """Meta-training of MetaPerturb's perturbation function on class-disjoint source tasks."""
+
+    file: Optional[str] = None          # use this phi file instead of meta-training (e.g. the official release)
+    dataset: str = "mnist5k"
+    model: str = "resnet20"
+    split: str = "release"              # release (class groups halved into train/valid) | paper (class-wise splits)
+    groups: int = 2                     # number of class-disjoint groups
+    steps: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    clip: float = 100.0
+    inner_steps: int = 1
+    runs: int = 1                        # independent meta-training runs; the best phi on held-out data is kept
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class StagesConfig:
+    pretrain: PretrainStage = field(default_factory=PretrainStage)
+    metatrain: MetatrainStage = field(default_factory=MetatrainStage)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"                 # local | pool | slurm
+    devices: Any = "cpu"                # cpu | auto | [0, 1] (GPU ids)
+    slots: int = 1                      # concurrent runs per device
+    threads: int = 0                    # torch threads per run (0 = cores / concurrent runs)
+    max_retries: int = 1                # retries of transient failures
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 300.0
+    # slurm (submitit)
+    partition: Optional[str] = None
+    time_min: int = 60
+    gpus_per_task: int = 0
+    cpus_per_task: int = 2
+    mem_gb: int = 8
+    array_parallelism: int = 16
+    folder: Optional[str] = None         # submitit logs (default <results>/slurm)
+    sbatch: dict[str, Any] = field(default_factory=dict)   # extra sbatch parameters, validated by name
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"                  # auto | online | offline | disabled
+    project: str = "mpbench"
+    entity: Optional[str] = None
+
+
+@dataclass
+class ReportConfig:
+    rows: list[str] = field(default_factory=lambda: ["regularizer"])
+    columns: list[str] = field(default_factory=lambda: ["model", "dataset"])
+    metric: str = "acc"
+
+
+@dataclass
+class SuiteConfig:
+    name: str = "unnamed"
+    description: str = ""
+    grid: dict[str, Any] = field(default_factory=dict)          # crossed lists; see GRID_DEFAULTS
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reg: dict[str, Any] = field(default_factory=dict)           # reg.<name>.<hparam>
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+GRID_DEFAULTS: dict[str, Any] = {"regularizer": ["base"], "model": ["resnet20"], "dataset": ["synthetic"], "seed": [0]}
+# keys of a run spec a grid may cross besides the four above (dotted paths into these sections)
+GRID_SECTIONS = ("train", "data", "reg", "model_kwargs")
+
+
+def suites_dir() -> Path:
+    return Path(os.environ.get("MPBENCH_SUITES", Path(__file__).resolve().parent.parent / "suites"))
+
+
+def schema_keys(cls: type = SuiteConfig, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema (for 'did you mean')."""
+    out = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            out += schema_keys(type(default), key + ".")
+    return out
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> UsageError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or "Missing key" in msg or "Key '" in msg:
+        return UsageError(f"{source}: unknown key {key!r}: {did_you_mean(key, schema_keys())}")
+    return UsageError(f"{source}: bad value for {key!r}: {msg}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"suite file {path} not found: check the path or run `mpbench list suites`") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UsageError(f"{path}{where}: not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    except IsADirectoryError:
+        raise UsageError(f"suite {path} is a directory: give a YAML file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a suite must be a YAML mapping (name, grid, train, ...), got {type(data).__name__}")
+    return data
+
+
+def find_suite(name: str) -> Path:
+    """A suite name in ``suites/`` or a path to a YAML file."""
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        return Path(name)
+    path = suites_dir() / f"{name}.yaml"
+    if not path.exists():
+        known = [p.stem for p in suites_dir().glob("*.yaml")]
+        raise UsageError(f"unknown suite {name!r}: {did_you_mean(name, known)} (or give a path to a YAML file)")
+    return path
+
+
+def parse_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``suite=NAME`` from the other ``key=value`` overrides."""
+    suite, rest = None, []
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"override {item!r} is not key=value (e.g. train.steps=200)")
+        key, value = item.split("=", 1)
+        if key == "suite":
+            suite = value
+        else:
+            rest.append(item)
+    return suite, rest
+
+
+def load_suite(name: str, overrides: list[str] = ()) -> DictConfig:
+    """Load, merge overrides and validate; returns a read-only config."""
+    path = find_suite(name)
+    raw = load_yaml(path)
+    raw.setdefault("name", path.stem)
+    schema = OmegaConf.structured(SuiteConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path)) from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "override") from None
+    except Exception as e:  # the dotlist grammar
+        raise UsageError(f"override: cannot parse {list(overrides)}: {e}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise UsageError(f"{key}={value!r} is not valid: {did_you_mean(value, options)}")
+
+
+def _check_positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_train(t: Any, prefix: str = "train") -> None:
+    _check_positive(f"{prefix}.steps", t.steps)
+    _check_positive(f"{prefix}.batch_size", t.batch_size)
+    _check_positive(f"{prefix}.lr", t.lr)
+    _check_positive(f"{prefix}.eval_every", t.eval_every, allow_zero=True)
+    _check_positive(f"{prefix}.eval_batch_size", t.eval_batch_size)
+    _check_positive(f"{prefix}.weight_decay", t.weight_decay, allow_zero=True)
+    _check_choice(f"{prefix}.optimizer", t.optimizer, ("adam", "sgd"))
+    _check_choice(f"{prefix}.schedule", t.schedule, ("multistep", "cosine", "constant"))
+    _check_positive(f"{prefix}.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    for p in ("eval_passes", "final_eval_passes"):
+        if t[p] is not None:
+            _check_positive(f"{prefix}.{p}", t[p])
+
+
+def grid_of(cfg: DictConfig) -> dict[str, list[Any]]:
+    """The grid with nested sections flattened to dotted keys and scalars made 1-lists."""
+    flat: dict[str, Any] = dict(GRID_DEFAULTS)
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, (dict, DictConfig)) and key.split(".")[0] in GRID_SECTIONS:
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+
+    walk(OmegaConf.to_container(cfg.grid, resolve=True) if isinstance(cfg.grid, DictConfig) else cfg.grid, "")
+    out = {}
+    for k, v in flat.items():
+        out[k] = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not out[k]:
+            raise UsageError(f"grid.{k} is an empty list: give at least one value")
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks beyond types; registry names are checked by the planner."""
+    validate_train(cfg.train)
+    validate_train(cfg.stages.pretrain.train, "stages.pretrain.train")
+    _check_choice("launcher.name", cfg.launcher.name, ("local", "pool", "slurm"))
+    _check_choice("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    _check_positive("launcher.slots", cfg.launcher.slots)
+    _check_positive("launcher.threads", cfg.launcher.threads, allow_zero=True)
+    _check_positive("launcher.max_retries", cfg.launcher.max_retries, allow_zero=True)
+    _check_choice("stages.metatrain.split", cfg.stages.metatrain.split, ("release", "paper"))
+    _check_positive("stages.metatrain.steps", cfg.stages.metatrain.steps)
+    _check_positive("stages.metatrain.runs", cfg.stages.metatrain.runs)
+    valid_grid = set(GRID_DEFAULTS) | {k for k in schema_keys() if k.split(".")[0] in ("train", "data")}
+    for key in grid_of(cfg):
+        section = key.split(".")[0]
+        if key not in valid_grid and section not in ("reg", "model_kwargs"):
+            raise UsageError(f"unknown grid key grid.{key}: {did_you_mean(key, sorted(valid_grid))}")
+        if section == "reg" and key.count(".") != 2:
+            raise UsageError(f"grid.{key}: regularizer hparams are crossed as grid.reg.<method>.<hparam>")

@@ -1,0 +1,109 @@
+"""Launchers execute waves of independent jobs; the orchestration (stages first, skip done runs, retries,
+fail-fast) is shared here. State lives only in run directories, never in a launcher."""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from mpbench.plan import Job, Plan
+from mpbench.progress import SuiteProgress
+from mpbench.registry import Registry
+from mpbench.store import RunDir, write_json
+
+
+def _load() -> None:
+    for mod in ("local", "pool"):
+        importlib.import_module(f"mpbench.launchers.{mod}")
+
+
+LAUNCHERS: Registry[Callable[["Request", list[Job]], dict[str, str]]] = Registry("launcher", loader=_load)
+
+
+def register_launcher(name: str, description: str = "") -> Callable:
+    return LAUNCHERS.register(name, description=description)
+
+
+@dataclass
+class Request:
+    """One ``mpbench run`` invocation."""
+
+    plan: Plan
+    cfg: DictConfig
+    results: Path
+    data_root: Path
+    force: bool = False
+    fail_fast: bool = False
+    retry_failed: bool = False
+    progress: SuiteProgress | None = None
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def launcher(self) -> DictConfig:
+        return self.cfg.launcher
+
+    def worker_args(self) -> dict[str, Any]:
+        """What a worker process needs to execute a job (JSON-serialisable)."""
+        return {"results": str(self.results), "data_root": str(self.data_root), "suite": self.plan.suite,
+                "wandb": OmegaConf.to_container(self.cfg.wandb), "force": self.force,
+                "heartbeat_s": self.launcher.heartbeat_s, "stale_after_s": self.launcher.stale_after_s}
+
+
+def write_plan(req: Request) -> None:
+    """Create every job's directory and config, and the suite's list of run ids."""
+    for job in req.plan.jobs:
+        job.dir(req.results).create(job.slug, job.spec)
+    write_json(req.results / "suites" / f"{req.plan.suite}.json", {
+        "name": req.plan.suite, "description": req.plan.description, "runs": [j.id for j in req.plan.runs],
+        "artifacts": [j.id for j in req.plan.artifacts], "report": req.plan.report})
+
+
+def needs_work(job: Job, req: Request) -> bool:
+    rd = job.dir(req.results)
+    if req.force:
+        return True
+    if rd.is_done:
+        return False
+    st = rd.status()
+    if st.get("state") == "failed":
+        retry = req.retry_failed or (st.get("transient") and int(st.get("attempts", 0)) <= req.launcher.max_retries)
+        return bool(retry)
+    return True
+
+
+def run_plan(req: Request) -> dict[str, str]:
+    """Stages first, then runs; every wave goes to the configured launcher. Returns outcome per job id."""
+    write_plan(req)
+    launch = LAUNCHERS.get(req.launcher.name)
+    failed_artifacts: set[str] = set()
+    for wave in (req.plan.artifacts, req.plan.runs):
+        todo = []
+        for job in wave:
+            bad = [d for d in job.deps if d in failed_artifacts]
+            if bad:
+                job.dir(req.results).update_status(state="failed", error=f"stage {bad[0]} failed: see its error.txt",
+                                                   transient=False)
+                req.outcomes[job.id] = "failed"
+                if req.progress:
+                    req.progress.finished(job.id, "failed", f"stage {bad[0]} failed")
+            elif needs_work(job, req):
+                todo.append(job)
+            else:
+                req.outcomes[job.id] = "skipped" if job.dir(req.results).is_done else "failed"
+                if req.progress:
+                    req.progress.finished(job.id, req.outcomes[job.id], job.dir(req.results).status().get("error") or "")
+        for attempt in range(req.launcher.max_retries + 1):
+            if not todo:
+                break
+            outcomes = launch(req, todo)
+            req.outcomes.update(outcomes)
+            if req.fail_fast and "failed" in outcomes.values():
+                return req.outcomes
+            todo = [j for j in todo if outcomes.get(j.id) == "failed" and j.dir(req.results).status().get("transient")]
+            req.force = False
+        failed_artifacts |= {j.id for j in wave if req.outcomes.get(j.id) == "failed"}
+    return req.outcomes

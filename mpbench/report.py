@@ -1,0 +1,270 @@
+"""Aggregate runs into ``mean ± 95 % CI`` cells and render them as text, LaTeX, Markdown or CSV."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from mpbench.errors import UsageError, did_you_mean
+from mpbench.results import load_runs, load_suite
+
+FORMATS = ("table", "latex", "markdown", "csv")
+PERCENT = {"acc", "acc_det", "ece", "ece_det"}           # stored in [0, 1], shown in %
+HIGHER_IS_BETTER = {"acc", "acc_det", "images_per_s"}
+LOWER_IS_BETTER = {"nll", "nll_det", "ece", "ece_det", "wall_time_s"}
+DECIMALS = {"wall_time_s": 1, "images_per_s": 0, "steps": 0}
+DASH = "–"
+MAX_LISTED = 10
+
+
+def unit(metric: str) -> str:
+    return "%" if metric in PERCENT else ""
+
+
+def label(metric: str) -> str:
+    return f"{metric} (%)" if metric in PERCENT else metric
+
+
+def decimals(metric: str) -> int:
+    return 2 if metric in PERCENT else DECIMALS.get(metric, 3)
+
+
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the 95 % CI of the mean: t(0.975, n-1) * s / sqrt(n); NaN when n < 2."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def aggregate(df: pd.DataFrame, rows: list[str], columns: list[str], metric: str,
+              expected_seeds: int | None) -> pd.DataFrame:
+    """One row per (rows + columns) cell: mean, ci, std, n (values), n_done, n_failed, n_expected.
+
+    Only ``done`` runs are averaged; failed ones are counted. ``n_expected`` is ``expected_seeds`` or the
+    number of runs (any state, including ``missing``) in the cell. Cells keep first-appearance order.
+    """
+    rows, columns = list(rows), list(columns)
+    if not rows:
+        raise UsageError("report needs at least one row key (e.g. rows=regularizer)")
+    for key in [*rows, *columns, metric]:
+        if key not in df.columns:
+            raise UsageError(f"unknown report key {key!r}: {did_you_mean(key, df.columns)}")
+    if not pd.api.types.is_numeric_dtype(df[metric]):
+        raise UsageError(f"metric {metric!r} is not numeric: pick one of acc, nll, ece, acc_det, nll_det, ece_det")
+    scale = 100.0 if metric in PERCENT else 1.0
+    df = df.copy()
+    for key in [*rows, *columns]:  # unknown key values (e.g. a missing run without a spec) group as "?"
+        if df[key].isna().any():
+            df[key] = df[key].astype(object).where(df[key].notna(), "?")
+    records = []
+    for key, g in df.groupby([*rows, *columns], sort=False, dropna=False):
+        done = g["state"] == "done"
+        vals = (g.loc[done, metric].dropna().to_numpy(dtype=float)) * scale
+        failed = g.loc[g["state"] == "failed", "id"].tolist()
+        records.append({
+            **dict(zip([*rows, *columns], key)),
+            "mean": float(vals.mean()) if len(vals) else math.nan, "ci": ci95(vals),
+            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, "n": len(vals),
+            "n_done": int(done.sum()), "n_failed": len(failed),
+            "n_expected": int(expected_seeds) if expected_seeds else len(g),
+            "failed_ids": failed, "pooled": bool(g["seed"].dropna().duplicated().any()),
+        })
+    agg = pd.DataFrame(records, columns=[*rows, *columns, "mean", "ci", "std", "n", "n_done", "n_failed",
+                                         "n_expected", "failed_ids", "pooled"])
+    agg["best"] = _best(agg, columns, metric)
+    agg = agg.set_index([*rows, *columns])
+    agg.attrs.update(rows=rows, columns=columns, metric=metric)
+    return agg
+
+
+def _best(agg: pd.DataFrame, columns: list[str], metric: str) -> pd.Series:
+    """True where the mean is the numerically best of its table column (ties all True; unranked metric: none)."""
+    if metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER or agg.empty:
+        return pd.Series(False, index=agg.index)
+    means = agg["mean"].astype(float)
+    groups = means.groupby([agg[c] for c in columns], sort=False, dropna=False) if columns else means.groupby(
+        lambda _: 0)
+    best = groups.transform("max" if metric in HIGHER_IS_BETTER else "min")
+    return means.eq(best) & means.notna()
+
+
+def _wide(agg: pd.DataFrame, field: str, metric: str) -> pd.DataFrame:
+    """Pivot ``field`` to rows x columns, keeping first-appearance order of the labels."""
+    rows, columns = agg.attrs["rows"], agg.attrs["columns"]
+    flat = agg.reset_index()
+    rkeys = list(dict.fromkeys(map(tuple, flat[rows].itertuples(index=False))))
+    ckeys = list(dict.fromkeys(map(tuple, flat[columns].itertuples(index=False)))) if columns else [(label(metric),)]
+    lookup = {(tuple(r[: len(rows)]), tuple(r[len(rows):-1]) if columns else (label(metric),)): r[-1]
+              for r in flat[[*rows, *columns, field]].itertuples(index=False)}
+    data = [[lookup.get((rk, ck), math.nan) for ck in ckeys] for rk in rkeys]
+    index = pd.MultiIndex.from_tuples(rkeys, names=rows) if len(rows) > 1 else \
+        pd.Index([k[0] for k in rkeys], name=rows[0])
+    cols = pd.MultiIndex.from_tuples(ckeys, names=columns) if len(columns) > 1 else \
+        pd.Index([k[0] for k in ckeys], name=columns[0] if columns else None)
+    return pd.DataFrame(data, index=index, columns=cols, dtype=object)
+
+
+def best_mask(agg: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Wide boolean frame of the ``best`` cells."""
+    return _wide(agg, "best", metric).fillna(False).astype(bool)
+
+
+def cell_text(mean: float, ci: float, n: int, expected: int, dec: int, *, pm: str = "±", dash: str = DASH) -> str:
+    """``72.00 ± 4.97``, ``71.20 ± 3.10 (2/3)``, ``72.00 (1/3)`` (n=1: no CI) or ``– (0/3)``."""
+    count = f" ({n}/{expected})" if n < expected else ""
+    if math.isnan(mean):
+        return f"{dash} (0/{expected})"
+    text = f"{mean:.{dec}f}" + (f" {pm} {ci:.{dec}f}" if not math.isnan(ci) else "")
+    return text + count
+
+
+def cells(agg: pd.DataFrame, metric: str, **kw: str) -> pd.DataFrame:
+    """Wide frame of formatted cell strings."""
+    parts = [_wide(agg, f, metric) for f in ("mean", "ci", "n", "n_expected")]
+    dec = decimals(metric)
+    out = parts[0].copy()
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            mean, ci, n, exp = (float(p.iat[i, j]) for p in parts)
+            out.iat[i, j] = kw.get("dash", DASH) if math.isnan(exp) else cell_text(mean, ci, int(n), int(exp), dec, **kw)
+    return out
+
+
+def _flat(frame: pd.DataFrame) -> pd.DataFrame:
+    """Row keys become ordinary columns; multi-level column labels are joined with ' / '."""
+    flat = frame.copy()
+    flat.columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in flat.columns]
+    names = [str(n) for n in frame.index.names]
+    flat.index = frame.index.set_names(names)
+    return flat.reset_index()
+
+
+def latex_escape(text: Any) -> str:
+    """Escape LaTeX specials in a label."""
+    out = str(text).replace("\\", r"\textbackslash{}")
+    for ch in "&%$#_{}":
+        out = out.replace(ch, "\\" + ch)
+    return out.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}").replace("–", "--")
+
+
+def _to_latex(agg: pd.DataFrame, metric: str, footer: dict[str, str]) -> str:
+    disp = cells(agg, metric, pm=r"$\pm$", dash="--")
+    mask = best_mask(agg, metric)
+    disp.index = disp.index.set_names([latex_escape(n) for n in disp.index.names])
+    disp.columns = disp.columns.set_names([latex_escape(n) if n is not None else None for n in disp.columns.names])
+    styler = disp.style.format_index(latex_escape, axis=0).format_index(latex_escape, axis=1)
+    styler = styler.apply(lambda _: np.where(mask.to_numpy(), "textbf:--rwrap;", ""), axis=None)
+    fmt = "l" * disp.index.nlevels + "r" * disp.shape[1]
+    body = styler.to_latex(hrules=True, column_format=fmt, multirow_align="naive", multicol_align="c")
+    notes = [f"% {k}: {v}".replace("±", "+/-").replace("–", "--") for k, v in footer.items()]
+    return "".join(n + "\n" for n in notes) + body
+
+
+def render(agg: pd.DataFrame, fmt: str, *, metric: str, footer: dict[str, str]) -> str:
+    """The table as ``table`` (plain text), ``latex`` (booktabs), ``markdown`` or ``csv`` (long form)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown report format {fmt!r}: {did_you_mean(fmt, FORMATS)}")
+    if fmt == "csv":
+        long = agg.drop(columns=["failed_ids", "pooled"])
+        long.insert(0, "unit", unit(metric))
+        long.insert(0, "metric", metric)
+        return long.reset_index().to_csv(index=False, float_format="%.6g", lineterminator="\n")
+    if fmt == "latex":
+        return _to_latex(agg, metric, footer)
+    disp, mask = cells(agg, metric), best_mask(agg, metric)
+    if fmt == "markdown":
+        disp = disp.mask(mask, "**" + disp.astype(str) + "**")
+        notes = "".join(f"- {k}: {v}\n" for k, v in footer.items())
+        return _flat(disp).to_markdown(index=False, disable_numparse=True) + "\n" + ("\n" + notes if notes else "")
+    disp = disp.mask(mask, disp.astype(str) + " *")
+    notes = "".join(f"{k}: {v}\n" for k, v in {**footer, "*": "best mean per column"}.items())
+    return _flat(disp).to_markdown(index=False, tablefmt="simple", disable_numparse=True) + "\n\n" + notes
+
+
+def render_rich(agg: pd.DataFrame, metric: str, footer: dict[str, str]):
+    """A ``rich.table.Table`` grid: the table (best mean per column in bold) above the footer lines."""
+    from rich.table import Table
+    from rich.text import Text
+
+    flat, mask = _flat(cells(agg, metric)), _flat(best_mask(agg, metric))
+    nkeys = len(agg.attrs["rows"])
+    table = Table()
+    for j, col in enumerate(flat.columns):
+        table.add_column(Text(col), justify="left" if j < nkeys else "right")
+    for i in range(len(flat)):
+        table.add_row(*(Text(str(flat.iat[i, j]), style="bold" if j >= nkeys and bool(mask.iat[i, j]) else "")
+                        for j in range(flat.shape[1])))
+    grid = Table.grid()
+    grid.add_row(table)
+    if footer:
+        grid.add_row(Text("\n".join(f"{k}: {v}" for k, v in footer.items()), style="dim"))
+    return grid
+
+
+def _listed(items: list[str]) -> str:
+    more = f", ... (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def make_footer(df: pd.DataFrame, agg: pd.DataFrame, metric: str, suite: str | None,
+                skipped: list[tuple[str, str]]) -> dict[str, str]:
+    """Provenance lines: metric and selection rule, protocols, seeds per cell, failures, git SHAs, suite."""
+    done = df[df["state"] == "done"]
+    lo, hi = int(agg["n_expected"].min()), int(agg["n_expected"].max())
+    incomplete = int((agg["n"] < agg["n_expected"]).sum())
+    seeds = (f"{lo}" if lo == hi else f"{lo}-{hi}") + " expected per cell"
+    if incomplete:
+        seeds += f"; {incomplete} of {len(agg)} cells incomplete (shown as done/expected)"
+    failed = df.loc[df["state"] == "failed", "id"].tolist()
+    shas = []
+    for sha, g in done.groupby("git_sha", sort=True):
+        shas.append(str(sha)[:10] + (" (dirty)" if g["git_dirty"].fillna(False).astype(bool).any() else ""))
+    footer = {
+        "metric": f"{label(metric)} at the final step (selection: final), mean ± 95% CI (Student t, n-1 dof); "
+                  "no CI when n=1",
+        "eval protocol": ", ".join(sorted(map(str, done["eval_protocol"].dropna().unique()))) or "none",
+        "seeds": seeds,
+        "failed runs": f"{len(failed)}" + (f": {_listed(failed)}" if failed else ""),
+    }
+    other = {s: int((df["state"] == s).sum()) for s in ("running", "pending", "missing")}
+    if any(other.values()):
+        footer["not finished"] = ", ".join(f"{v} {s}" for s, v in other.items() if v)
+    if skipped:
+        footer["unreadable run dirs"] = f"{len(skipped)} (counted as missing): {_listed([s[0] for s in skipped])}"
+    footer["git"] = ", ".join(shas) or "none"
+    footer["suite"] = suite or "none (all runs under results/runs)"
+    if agg["pooled"].any():
+        footer["warning"] = "some cells pool runs that share a seed: add the varying keys to rows/columns"
+    return footer
+
+
+def prepare_report(results_dir: Path, suite: str | None = None, rows: list[str] | None = None,
+                   columns: list[str] | None = None, metric: str | None = None
+                   ) -> tuple[pd.DataFrame, dict[str, str], list[tuple[str, str]]]:
+    """(aggregate, footer, skipped dirs) using the suite's ``report`` block for unset layout keys."""
+    run_ids, layout = None, {}
+    if suite:
+        record = load_suite(results_dir, suite)
+        run_ids, layout = record.get("runs", []), record.get("report") or {}
+    rows = list(rows or layout.get("rows") or ["regularizer"])
+    columns = list(columns if columns is not None else layout.get("columns", ["model", "dataset"]))
+    metric = metric or layout.get("metric") or "acc"
+    df, skipped = load_runs(Path(results_dir), run_ids)
+    if df.empty:
+        raise UsageError(f"no runs under {Path(results_dir) / 'runs'}: run `mpbench run suite=<name>` first")
+    agg = aggregate(df, rows, columns, metric, None)
+    return agg, make_footer(df, agg, metric, suite, skipped), skipped
+
+
+def build_report(results_dir: Path, suite: str | None, fmt: str, rows: list[str] | None = None,
+                 columns: list[str] | None = None, metric: str | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """Rendered report text and the unreadable run dirs that were skipped."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown report format {fmt!r}: {did_you_mean(fmt, FORMATS)}")
+    agg, footer, skipped = prepare_report(results_dir, suite, rows, columns, metric)
+    return render(agg, fmt, metric=agg.attrs["metric"], footer=footer), skipped

@@ -1,0 +1,208 @@
+"""Execute one job (a run or a stage) in its run directory: claim it, train or resume, record the outcome.
+
+Outcomes: ``done``, ``failed``, ``interrupted`` (checkpoint written; resumes on the next attempt), ``busy``
+(another process holds the claim), ``skipped`` (already done).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mpbench.claim import Claim
+from mpbench.errors import MpbenchError, RunFailed, UsageError
+from mpbench.plan import artifact_path
+from mpbench.provenance import device_name, git_info, versions
+from mpbench.stages import STAGES, save_tensors
+from mpbench.store import SCHEMA_VERSION, RunDir
+from mpbench.train import Interrupted, RunHooks, build, train_loop
+
+def is_transient(e: BaseException) -> bool:
+    """Failures worth retrying (launcher.max_retries): I/O, out of memory, CUDA/NCCL hiccups."""
+    if isinstance(e, MpbenchError):
+        return False
+    if isinstance(e, (OSError, torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in ("CUDA error", "NCCL", "out of memory"))
+
+
+@dataclass
+class Execution:
+    """How to execute (not what): device, data location, W&B, progress, claim timing."""
+
+    results: Path
+    data_root: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    threads: int = 0
+    suite: str = ""
+    wandb: dict[str, Any] = field(default_factory=lambda: {"mode": "disabled"})
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 300.0
+    on_step: Callable[[str, int, int, float], None] | None = None
+    hooks: RunHooks = field(default_factory=RunHooks)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGUSR2 (preemption, Slurm time limit): the loop checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                self._old[sig] = signal.signal(sig, lambda *_: self.flag.set())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _load_checkpoint(rd: RunDir) -> dict[str, Any] | None:
+    if not rd.checkpoint.exists():
+        return None
+    try:
+        return torch.load(rd.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RunFailed(f"checkpoint {rd.checkpoint} is unreadable ({type(e).__name__}): delete it to restart "
+                        f"this run from step 0") from None
+
+
+def _resolve_artifacts(results: Path, spec: dict[str, Any]) -> dict[str, Path]:
+    out = {}
+    for kind, ref in spec.get("artifacts", {}).items():
+        path = artifact_path(results, kind, ref)
+        if not ref.startswith("file:") and not RunDir(results, kind, ref).is_done:
+            raise RunFailed(f"{kind} artifact {ref} is not built: rerun `mpbench run` (stages run first)")
+        if not path.exists():
+            raise RunFailed(f"{kind} artifact {path} is missing: rerun `mpbench run` or fix stages.{kind}.file")
+        out[kind] = path
+    return out
+
+
+def _train_target(spec: dict[str, Any], rd: RunDir, ex: Execution) -> dict[str, Any]:
+    setup = build(spec, ex.data_root, ex.device, ex.artifacts)
+    out = train_loop(setup, spec, ex.device, ex.hooks)
+    return {**out, "regularizers": setup.stack.describe(), "eval_protocol": setup.stack.eval_protocol.describe()}
+
+
+def execute(results: Path, kind: str, run_id: str, ex: Execution, force: bool = False) -> str:
+    rd = RunDir(results, kind, run_id)
+    cfg = rd.read_config()
+    spec = cfg["spec"]
+    if rd.is_done and not force:
+        return "skipped"
+    claim = Claim(rd.lock_file, ex.heartbeat_s, ex.stale_after_s,
+                  {"slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")})
+    if not claim.acquire():
+        return "busy"
+    try:
+        if rd.is_done and not force:
+            return "skipped"
+        if force:
+            rd.reset()
+        return _execute_claimed(rd, cfg, spec, ex)
+    finally:
+        claim.release()
+
+
+def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: Execution) -> str:
+    if ex.threads:
+        torch.set_num_threads(ex.threads)
+    st = rd.status()
+    attempts = int(st.get("attempts", 0)) + 1
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    rd.update_status(state="running", attempts=attempts, host=os.uname().nodename, pid=os.getpid(),
+                     started=time.time(), error=None, slurm_job_id=job_id, step=0, total=spec.get("train", {}).get("steps"))
+    started = time.time()
+    sink = None
+    with StopFlag() as stop:
+        try:
+            ex.artifacts = _resolve_artifacts(ex.results, spec)
+            state = _load_checkpoint(rd)
+            history = list(state["history"]) if state else []
+            wandb_id = st.get("wandb_id")
+            if cfg["kind"] == "run":
+                from mpbench.wandb_sink import WandbSink
+
+                sink = WandbSink(ex.wandb.get("mode", "disabled"), ex.wandb.get("project", "mpbench"),
+                                 ex.wandb.get("entity"), rd.path, cfg["slug"], ex.suite or "mpbench", spec, wandb_id)
+                if sink.run_id:
+                    rd.update_status(wandb_id=sink.run_id)
+            last_status = [0.0]
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                if ex.on_step:
+                    ex.on_step(rd.id, step, total, loss)
+                now = time.time()
+                if now - last_status[0] > 2.0 or step == total:
+                    last_status[0] = now
+                    rd.update_status(step=step, total=total)
+
+            def on_eval(row: dict[str, Any]) -> None:
+                history.append(row)
+                rd.write_metrics(history)
+                if sink:
+                    sink.log(row)
+
+            ex.hooks = RunHooks(on_step=on_step, on_eval=on_eval, should_stop=stop.flag.is_set,
+                                save_checkpoint=lambda s: save_tensors(rd.checkpoint, s),
+                                load_checkpoint=lambda: state,
+                                checkpoint_every=int(spec.get("train", {}).get("checkpoint_every", 0) or 0))
+            if cfg["kind"] == "run":
+                out = _train_target(spec, rd, ex)
+            else:
+                out = STAGES.get(cfg["kind"])(spec, rd, ex)
+        except Interrupted as e:
+            rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint")
+            return "interrupted"
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
+            line = _one_line(e)
+            rd.path.mkdir(parents=True, exist_ok=True)
+            from mpbench.store import atomic_write
+
+            atomic_write(rd.error_file, traceback.format_exc())
+            transient = is_transient(e)
+            rd.update_status(state="failed", error=line, transient=transient)
+            return "failed"
+        finally:
+            if sink:
+                sink.finish()
+    result = {
+        "schema": SCHEMA_VERSION, "id": rd.id, "slug": cfg["slug"], "kind": cfg["kind"], "spec": spec,
+        "final": out.get("final", {}), "selection": "final", "eval_protocol": out.get("eval_protocol", "deterministic"),
+        "seed": spec.get("seed"), "git": git_info(), "versions": versions(), "device": device_name(ex.device),
+        "wall_time_s": time.time() - started, "train_time_s": out.get("train_time_s"),
+        "images_per_s": out.get("images_per_s"), "steps": spec.get("train", {}).get("steps", spec.get("steps")),
+        "regularizers": out.get("regularizers", {}), "artifacts": spec.get("artifacts", {}),
+        "attempts": attempts, "resumed": bool(state),
+    }
+    result.update({k: v for k, v in out.items() if k not in result and k != "history"})
+    if cfg["kind"] != "run":
+        from mpbench.store import write_json
+
+        write_json(rd.path / "artifact.json", {"kind": cfg["kind"], "id": rd.id, "spec": spec,
+                                               **{k: v for k, v in out.items() if k not in ("history", "final")}})
+    rd.mark_done(result)
+    rd.checkpoint.unlink(missing_ok=True)
+    return "done"
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return msg if isinstance(e, MpbenchError) else f"{type(e).__name__}: {msg}"

@@ -1,0 +1,245 @@
+"""One training run: a pure function of its resolved spec (plus where to find data and artifacts).
+
+The loop is device-agnostic (CPU and CUDA alike), checkpoints everything needed to resume bitwise (model,
+optimizer, schedule, regularizer state, data stream, all RNG states), and stops cleanly when asked to.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpbench.batches import BatchStream, eval_batches
+from mpbench.errors import RunFailed, UsageError
+from mpbench.metrics import classification_metrics
+from mpbench.regularization import RegularizerStack, RunContext, build_stack
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGTERM/SIGUSR, preemption) after writing a checkpoint."""
+
+
+@dataclass
+class RunHooks:
+    """Side channels of a run; none of them influences the numbers."""
+
+    on_step: Callable[[int, int, float], None] | None = None          # (step, total, loss)
+    on_eval: Callable[[dict[str, Any]], None] | None = None           # metrics row
+    should_stop: Callable[[], bool] = lambda: False
+    save_checkpoint: Callable[[dict[str, Any]], None] | None = None   # atomically persist a state dict
+    load_checkpoint: Callable[[], dict[str, Any] | None] = lambda: None
+    checkpoint_every: int = 0
+
+
+@dataclass
+class Setup:
+    """Everything built from a spec before the first step."""
+
+    model: nn.Module
+    stack: RegularizerStack
+    ctx: RunContext
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_data(spec: dict[str, Any], data_root: Path) -> tuple[Any, Any]:
+    from mpbench.data import load_dataset
+
+    d = spec["data"]
+    kw = dict(image_size=d.get("image_size"), channels=d.get("channels"), classes=d.get("classes"))
+    train = load_dataset(spec["dataset"], data_root, "train", per_class=d.get("per_class"), **kw)
+    test = load_dataset(spec["dataset"], data_root, "test", **kw)
+    return train, test
+
+
+def build(spec: dict[str, Any], data_root: Path, device: torch.device, artifacts: dict[str, Path]) -> Setup:
+    """Data, model and regularizers of a run, seeded from the spec."""
+    import mpbench.models  # noqa: F401  (registers the CIFAR networks into timm)
+
+    seed_everything(spec["seed"])
+    train, test = load_data(spec, data_root)
+    t = spec["train"]
+    if t["batch_size"] > len(train.labels):
+        raise UsageError(f"train.batch_size={t['batch_size']} is larger than the training set of {spec['dataset']} "
+                         f"({len(train.labels)} images): lower train.batch_size")
+    model = timm.create_model(spec["model"], num_classes=train.num_classes, in_chans=train.images.shape[1],
+                              **spec.get("model_kwargs", {}))
+    ctx = RunContext(spec=spec, model_name=spec["model"], num_classes=train.num_classes,
+                     in_chans=train.images.shape[1], image_size=train.images.shape[-1], total_steps=t["steps"],
+                     num_train=len(train.labels), device=device, artifacts=artifacts)
+    stack = build_stack(spec["regularizer"], spec.get("reg", {}), ctx)
+    for m in stack.members:
+        m.check(model, ctx)
+    stack.attach(model)
+    model.to(device)
+    return Setup(model, stack, ctx, train.images, train.labels, test.images, test.labels, train.num_classes)
+
+
+def make_optimizer(model: nn.Module, stack: RegularizerStack, t: dict[str, Any]) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = stack.param_groups(model, [{"params": params, "weight_decay": t["weight_decay"]}])
+    if t["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=t["lr"], weight_decay=t["weight_decay"])
+    return torch.optim.SGD(groups, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+
+
+def lr_factor(t: dict[str, Any]) -> Callable[[int], float]:
+    """MultiStepLR at fractions of the steps (MetaPerturb: 40/70/90 %, gamma 0.3), cosine, or constant."""
+    steps = t["steps"]
+    if t["schedule"] == "multistep":
+        marks = [int(round(m * steps)) for m in t["milestones"]]
+        return lambda s: t["gamma"] ** sum(s >= m for m in marks)
+    if t["schedule"] == "cosine":
+        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    return lambda s: 1.0
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CE with int labels, or with soft targets (B, K) for batch-mixing methods (never BCE)."""
+    if target.dtype.is_floating_point:
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, target)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, passes: int,
+            device: torch.device) -> dict[str, float]:
+    """Mean softmax over ``passes`` forward passes per test image (1 = a single pass)."""
+    model.eval()
+    probs, labels = [], []
+    for xb, yb in eval_batches(x, y, batch_size, device):
+        p = sum(F.softmax(model(xb).float(), dim=-1) for _ in range(passes)) / passes
+        probs.append(p.cpu())
+        labels.append(yb.cpu())
+    return classification_metrics(torch.cat(probs), torch.cat(labels))
+
+
+def evaluate(s: Setup, t: dict[str, Any], final: bool, device: torch.device) -> dict[str, Any]:
+    proto = s.stack.eval_protocol
+    passes = (t.get("final_eval_passes") or proto.final_passes) if final else (t.get("eval_passes") or proto.passes)
+
+    def train_images():
+        stream = BatchStream(s.train_x, s.train_y, t["batch_size"], 0, device)
+        return (stream.next()[0] for _ in range(min(len(stream), 20)))
+
+    s.stack.before_eval(s.model, train_images)
+    out = predict(s.model, s.test_x, s.test_y, t["eval_batch_size"], passes, device)
+    out["passes"] = passes
+    if proto.stochastic:
+        with s.stack.deterministic():
+            det = predict(s.model, s.test_x, s.test_y, t["eval_batch_size"], 1, device)
+        out.update({f"{k}_det": v for k, v in det.items()})
+    else:
+        out.update({f"{k}_det": v for k, v in out.items() if k in ("acc", "nll", "ece")})
+    s.model.train()
+    return out
+
+
+def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunHooks) -> dict[str, Any]:
+    """Train for ``spec.train.steps`` with periodic evaluation; returns the final metrics and timing."""
+    t = spec["train"]
+    model, stack = s.model, s.stack
+    opt = make_optimizer(model, stack, t)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
+    aug = t.get("augment", {})
+    stream = BatchStream(s.train_x, s.train_y, t["batch_size"], spec["seed"], device,
+                         crop_pad=aug.get("crop_pad", 0), flip=aug.get("flip", False))
+    start, history, train_time, images = 0, [], 0.0, 0
+    state = hooks.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        stack.load_state_dict(state["regularizers"])
+        stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        start, history = int(state["step"]), list(state["history"])
+        train_time, images = float(state["train_time"]), int(state["images"])
+
+    def checkpoint(step: int) -> None:
+        if hooks.save_checkpoint is not None:
+            hooks.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "regularizers": stack.state_dict(),
+                                   "stream": stream.state_dict(), "rng": rng_state(), "step": step,
+                                   "history": history, "train_time": train_time, "images": images})
+
+    model.train()
+    for step in range(start, t["steps"]):
+        if hooks.should_stop():
+            checkpoint(step)
+            raise Interrupted(f"stopped at step {step}")
+        tic = time.perf_counter()
+        stack.begin_step(step)
+        x, y = stream.next()
+        x, target = stack.transform_batch(x, y)
+        logits = model(x)
+        loss = soft_cross_entropy(logits, target)
+        penalties = stack.penalty(model, x, target, logits)
+        total = loss + sum(penalties.values()) if penalties else loss
+        stack.end_forward()
+        if not torch.isfinite(total):
+            bad = [k for k, v in {"cross-entropy": loss, **penalties}.items() if not torch.isfinite(v)]
+            raise RunFailed(f"non-finite loss ({', '.join(bad)} = {total.item()}) at step {step}: "
+                            f"lower train.lr or check the regularizer's hparams")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+        if device.type == "cuda" and hooks.on_step is not None and step % 50 == 0:
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - tic
+        images += x.shape[0]
+        if hooks.on_step is not None:
+            hooks.on_step(step + 1, t["steps"], float(total.detach()))
+        done = step + 1
+        if t["eval_every"] and done % t["eval_every"] == 0 and done < t["steps"]:
+            row = {"step": done, "loss": float(total.detach()), "lr": sched.get_last_lr()[0],
+                   **evaluate(s, t, final=False, device=device)}
+            history.append(row)
+            if hooks.on_eval:
+                hooks.on_eval(row)
+        if hooks.checkpoint_every and done % hooks.checkpoint_every == 0 and done < t["steps"]:
+            checkpoint(done)
+    final = evaluate(s, t, final=True, device=device)
+    row = {"step": t["steps"], "lr": sched.get_last_lr()[0], **final}
+    history.append(row)
+    if hooks.on_eval:
+        hooks.on_eval(row)
+    return {"final": {k: v for k, v in final.items()}, "history": history, "train_time_s": train_time,
+            "images_per_s": images / train_time if train_time else float("nan")}
