@@ -5,6 +5,7 @@ A run's identity is a hash of its resolved spec (not of the suite), so runs shar
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mpbench.config import grid_of
 from mpbench.errors import UsageError, did_you_mean
 from mpbench.regularization import REGULARIZERS, RegularizerStack, resolve_hparams
-from mpbench.store import RunDir
+from mpbench.store import RunDir, check_id
 
 
 @dataclass
@@ -78,6 +79,27 @@ def _check_dataset(name: str):
     from mpbench.data import DATASETS
 
     return DATASETS.get(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_model(name: str, kwargs_json: str, in_chans: int, num_classes: int):
+    import timm
+
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **json.loads(kwargs_json))
+
+
+def check_compatibility(spec: dict[str, Any], source) -> None:
+    """Each method checks the architecture at plan time, not after an hour of training."""
+    from mpbench.regularization import RunContext
+
+    in_chans = spec["data"].get("channels") or source.channels
+    num_classes = len(spec["data"]["classes"]) if spec["data"].get("classes") else source.num_classes
+    model = _probe_model(spec["model"], json.dumps(spec.get("model_kwargs", {}), sort_keys=True), in_chans, num_classes)
+    ctx = RunContext(spec=spec, model_name=spec["model"], num_classes=num_classes, in_chans=in_chans,
+                     image_size=spec["data"].get("image_size") or source.image_size,
+                     total_steps=spec["train"]["steps"], num_train=1)
+    for name in spec["regularizer"]:
+        REGULARIZERS.get(name).check(model, ctx)
 
 
 def _stage_job(kind: str, spec: dict[str, Any]) -> Job:
@@ -167,9 +189,11 @@ def expand(cfg: DictConfig) -> Plan:
             artifacts.setdefault(job.id, job)
             spec["artifacts"][kind] = job.id
         spec = {k: spec[k] for k in sorted(spec)}
+        check_compatibility(spec, source)
         slug = f"{'+'.join(names)}-{spec['model']}-{spec['dataset']}-s{spec['seed']}"
         deps = [a for a in spec["artifacts"].values() if not a.startswith("file:")]
         job = Job(f"{slug}-{spec_hash(spec)[:8]}", slug, "run", spec, deps=deps)
         runs.setdefault(job.id, job)
     report = OmegaConf.to_container(cfg.report, resolve=True)
+    check_id(cfg.name, "suite name")
     return Plan(cfg.name, cfg.description, list(artifacts.values()), list(runs.values()), report)

@@ -41,10 +41,10 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def check_id(run_id: str) -> str:
-    """Run ids name directories: they may not escape the results dir."""
+def check_id(run_id: str, what: str = "run id") -> str:
+    """Run ids and suite names name files: they may not escape the results dir."""
     if not _SAFE_ID.match(run_id) or ".." in run_id:
-        raise UsageError(f"invalid run id {run_id!r}: ids are letters, digits and _.+=- only")
+        raise UsageError(f"invalid {what} {run_id!r}: use letters, digits and _.+=- only")
     return run_id
 
 

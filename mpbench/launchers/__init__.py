@@ -67,7 +67,11 @@ def needs_work(job: Job, req: Request) -> bool:
     if req.force:
         return True
     if rd.is_done:
-        return False
+        try:
+            json.loads(rd.result_file.read_text())
+            return False
+        except (OSError, ValueError):
+            return True                            # a corrupt result is not a result: train it again
     st = rd.status()
     if st.get("state") == "failed":
         retry = req.retry_failed or (st.get("transient") and int(st.get("attempts", 0)) <= req.launcher.max_retries)
