@@ -12,6 +12,24 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+import torch  # noqa: E402
+
+from mpbench.regularization import REGULARIZERS, Regularizer, register_regularizer  # noqa: E402
+
+if "test_nan" not in REGULARIZERS:
+    @register_regularizer("test_nan")
+    class NanAt(Regularizer):
+        """Test-only: a NaN penalty at step 2 (in-process launchers only)."""
+
+        citation = "test fixture"
+
+        def begin_step(self, step):
+            self.step = step
+
+        def penalty(self, model, x, target, logits):
+            return torch.tensor(float("nan")) if self.step == 2 else None
+
+
 TINY = {
     "name": "tiny",
     "description": "test suite",

@@ -11,7 +11,6 @@ import torch
 from mpbench.config import load_suite
 from mpbench.launchers import Request, run_plan
 from mpbench.plan import expand
-from mpbench.regularization import REGULARIZERS, Regularizer, register_regularizer
 from mpbench.store import atomic_write, prepare_results_dir
 
 
@@ -34,18 +33,6 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
         atomic_write(path, "new content")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]    # no temp file left behind
-
-
-if "test_nan" not in REGULARIZERS:
-    @register_regularizer("test_nan")
-    class NanAt(Regularizer):
-        """Test-only: a NaN penalty at step 2."""
-
-        def begin_step(self, step):
-            self.step = step
-
-        def penalty(self, model, x, target, logits):
-            return torch.tensor(float("nan")) if self.step == 2 else None
 
 
 def test_nan_loss_fails_that_run_with_reason_and_others_finish(make_suite, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from mpbench.store import RunDir, write_json
 
 
 def _load() -> None:
-    for mod in ("local", "pool"):
+    for mod in ("local", "pool", "slurm"):
         importlib.import_module(f"mpbench.launchers.{mod}")
 
 
@@ -109,5 +110,27 @@ def run_plan(req: Request) -> dict[str, str]:
                 return req.outcomes
             todo = [j for j in todo if outcomes.get(j.id) == "failed" and j.dir(req.results).status().get("transient")]
             req.force = False
+        if wave is req.plan.artifacts:
+            wait_for_others([j for j in wave if req.outcomes.get(j.id) == "busy"], req, launch)
         failed_artifacts |= {j.id for j in wave if req.outcomes.get(j.id) == "failed"}
     return req.outcomes
+
+
+def wait_for_others(jobs: list[Job], req: Request, launch: Callable, poll_s: float = 1.0) -> None:
+    """Stages claimed by another process: wait until they finish, or take them over when that claim goes stale."""
+    from mpbench.claim import is_stale, read_claim
+
+    pending = list(jobs)
+    while pending:
+        time.sleep(poll_s)
+        for job in list(pending):
+            rd = job.dir(req.results)
+            if rd.is_done or rd.state() == "failed":
+                req.outcomes[job.id] = "skipped" if rd.is_done else "failed"
+                pending.remove(job)
+                continue
+            claim = read_claim(rd.lock_file)
+            if claim is None or is_stale(claim, req.launcher.stale_after_s):
+                req.outcomes.update(launch(req, [job]))
+                if req.outcomes[job.id] != "busy":
+                    pending.remove(job)
