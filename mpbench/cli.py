@@ -71,6 +71,9 @@ def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bo
     cfg = load_suite(suite, rest)
     plan = expand(cfg)
     res = _results_dir(results)
+    from mpbench.launchers import validate_launcher
+
+    validate_launcher(cfg)
     if dry_run:
         _print_plan(plan, res)
         return
@@ -210,8 +213,9 @@ def main() -> None:
         err_console.print("aborted", highlight=False)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2)
+        where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        err_console.print(f"error: {e.format_message()}{where}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(e.exit_code if e.exit_code else 2)
     except MpbenchError as e:
         if debug:
             traceback.print_exc()

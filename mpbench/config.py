@@ -50,6 +50,7 @@ class DataConfig:
 class PretrainStage:
     """Supervised training of the target architecture on a source dataset (for fine-tuning baselines)."""
 
+    file: Optional[str] = None          # use this model.pt (a state_dict of the target architecture) instead
     dataset: str = "mnist5k"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

@@ -109,6 +109,7 @@ def _stage_job(kind: str, spec: dict[str, Any]) -> Job:
 
 def pretrain_spec(cfg: DictConfig, run: dict[str, Any], in_chans: int) -> dict[str, Any]:
     st = OmegaConf.to_container(cfg.stages.pretrain, resolve=True)
+    st.pop("file")
     _check_dataset(st["dataset"])
     st["data"]["channels"] = st["data"]["channels"] or in_chans   # same architecture: same input channels
     return {"regularizer": ["base"], "model": run["model"], "model_kwargs": run["model_kwargs"],

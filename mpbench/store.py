@@ -81,7 +81,9 @@ class RunDir:
 
     def create(self, slug: str, spec: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        if not self.config.exists():
+        if self.config.exists():
+            self.read_config()                         # refuses dirs of a newer schema before anything runs
+        else:
             atomic_write(self.config, yaml.safe_dump({"id": self.id, "slug": slug, "kind": self.kind,
                                                       "schema": SCHEMA_VERSION, "spec": spec}, sort_keys=False))
 

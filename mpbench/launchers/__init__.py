@@ -25,8 +25,16 @@ def _load() -> None:
 LAUNCHERS: Registry[Callable[["Request", list[Job]], dict[str, str]]] = Registry("launcher", loader=_load)
 
 
-def register_launcher(name: str, description: str = "") -> Callable:
-    return LAUNCHERS.register(name, description=description)
+def register_launcher(name: str, description: str = "", validate: Callable[[DictConfig], None] | None = None
+                      ) -> Callable:
+    """``validate(launcher_cfg)`` raises UsageError for bad settings before anything is written or submitted."""
+    return LAUNCHERS.register(name, description=description, validate=validate)
+
+
+def validate_launcher(cfg: DictConfig) -> None:
+    check = LAUNCHERS.entry(cfg.launcher.name).extra.get("validate")
+    if check is not None:
+        check(cfg.launcher)
 
 
 @dataclass

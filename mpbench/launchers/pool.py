@@ -51,7 +51,8 @@ def device_slots(devices, slots: int) -> list[str | None]:
     return [g for g in gpus for _ in range(slots)] or [None] * slots
 
 
-@register_launcher("pool", "local worker processes, launcher.slots per device (cpu or GPU ids)")
+@register_launcher("pool", "local worker processes, launcher.slots per device (cpu or GPU ids)",
+                   validate=lambda launcher: device_slots(launcher.devices, launcher.slots) and None)
 def launch_pool(req: Request, jobs: list[Job]) -> dict[str, str]:
     slots = device_slots(req.launcher.devices, req.launcher.slots)
     threads = req.launcher.threads or max(1, (os.cpu_count() or 1) // len(slots))
