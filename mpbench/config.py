@@ -123,6 +123,7 @@ class SuiteConfig:
     name: str = "unnamed"
     description: str = ""
     grid: dict[str, Any] = field(default_factory=dict)          # crossed lists; see GRID_DEFAULTS
+    exclude: list[dict[str, Any]] = field(default_factory=list)  # grid points matching all keys of an entry are dropped
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reg: dict[str, Any] = field(default_factory=dict)           # reg.<name>.<hparam>

@@ -154,9 +154,17 @@ def expand(cfg: DictConfig) -> Plan:
             raise UsageError(f"reg.{name} must map hparams to values (e.g. reg.{name}.p=0.1), got {given!r}")
         resolve_hparams(name, given)              # unknown method or hparam: usage error now, not mid-sweep
     keys = list(grid)
+    excludes = OmegaConf.to_container(cfg.exclude, resolve=True)
+    for ex in excludes:
+        unknown = [k for k in ex if k not in grid]
+        if unknown:
+            raise UsageError(f"exclude names {unknown[0]!r}, which is not a grid key: {did_you_mean(unknown[0], grid)}")
     artifacts: dict[str, Job] = {}
     runs: dict[str, Job] = {}
     for values in itertools.product(*(grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        if any(all(point[k] == v for k, v in ex.items()) for ex in excludes):
+            continue
         spec = copy.deepcopy(base)
         reg_over = copy.deepcopy(reg_cfg)
         for k, v in zip(keys, values):

@@ -41,3 +41,11 @@ def test_stage_artifacts_are_shared_and_ordered_first(make_suite):
 
 def test_spec_hash_is_order_independent():
     assert spec_hash({"a": 1, "b": {"c": 2, "d": 3}}) == spec_hash({"b": {"d": 3, "c": 2}, "a": 1})
+
+
+def test_exclude_drops_matching_grid_points(make_suite):
+    suite = make_suite(grid={"regularizer": ["base", "dropout"], "model": ["conv4", "conv6"]},
+                       exclude=[{"regularizer": "dropout", "model": "conv6"}])
+    plan = expand(load_suite(str(suite)))
+    assert sorted(r.slug for r in plan.runs) == ["base-conv4-synthetic-s0", "base-conv6-synthetic-s0",
+                                                  "dropout-conv4-synthetic-s0"]

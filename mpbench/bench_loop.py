@@ -1,0 +1,139 @@
+"""Benchmarks of mpbench's own run loop: ``loop`` (train_loop vs a bare PyTorch loop on the same model, batch and
+optimizer) and ``regularizers`` (each method's step time over ``base`` on one architecture). Both measure the
+variants interleaved in one process (rounds of steps, alternating) and report medians of per-step times."""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import mpbench.models  # noqa: F401
+from mpbench.data import ImageData
+from mpbench.regularization import REGULARIZERS, RunContext, build_stack, resolve_hparams
+from mpbench.train import RunHooks, Setup, lr_factor, train_loop
+
+
+def _spec(methods: list[str], model: str, batch: int, steps: int) -> dict[str, Any]:
+    return {"regularizer": methods, "model": model, "model_kwargs": {}, "dataset": "bench", "seed": 0,
+            "data": {}, "artifacts": {}, "reg": {m: resolve_hparams(m, {}) for m in methods},
+            "train": {"steps": steps, "batch_size": batch, "optimizer": "adam", "lr": 1e-3, "weight_decay": 5e-4,
+                      "momentum": 0.9, "schedule": "multistep", "milestones": [0.4, 0.7, 0.9], "gamma": 0.3,
+                      "eval_every": 0, "eval_batch_size": batch, "eval_passes": 1, "final_eval_passes": 1,
+                      "augment": {"crop_pad": 0, "flip": False}}}
+
+
+def fake_artifacts(kinds: tuple[str, ...], model: str, in_chans: int, root: Path) -> dict[str, Path]:
+    """Stand-in stage outputs (random weights) for timing methods that need a pretrain or metatrain artifact."""
+    from mpbench.stages import save_tensors
+
+    out = {}
+    for kind in kinds:
+        d = root / kind
+        d.mkdir(parents=True, exist_ok=True)
+        if kind == "pretrain":
+            save_tensors(d / "model.pt", timm.create_model(model, num_classes=10, in_chans=in_chans).state_dict())
+            (d / "artifact.json").write_text(json.dumps({"kind": kind, "id": "bench", "num_classes": 10,
+                                                         "spec": {"model": model, "dataset": "bench"}}))
+        elif kind == "metatrain":
+            from regularizers.metaperturb import PerturbFunction
+
+            save_tensors(d / "phi.pt", PerturbFunction(num_sites=1, channel_norm=64, spatial_norm=32).phi_state_dict())
+        out[kind] = d
+    return out
+
+
+def _setup(methods: list[str], model: str, batch: int, size: int, steps: int, device: torch.device,
+           tmp: Path, n: int = 2048, classes: int = 10) -> tuple[Setup, dict[str, Any]]:
+    torch.manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.arange(n) % classes, classes)
+    spec = _spec(methods, model, batch, steps)
+    net = timm.create_model(model, num_classes=classes, in_chans=3)
+    kinds = tuple(k for m in methods for k in REGULARIZERS.get(m).requires_for(spec["reg"][m]))
+    ctx = RunContext(spec=spec, model_name=model, num_classes=classes, in_chans=3, image_size=size,
+                     total_steps=steps, num_train=n, device=device,
+                     artifacts=fake_artifacts(kinds, model, 3, tmp / "_".join(methods)))
+    stack = build_stack(methods, spec["reg"], ctx)
+    stack.attach(net)
+    net.to(device)
+    return Setup(net, stack, ctx, data.images, data.labels, data.images[:batch], data.labels[:batch], classes), spec
+
+
+def _loop_step_times(setup: Setup, spec: dict[str, Any], device: torch.device) -> list[float]:
+    """Per-step wall times of mpbench's train_loop (first step of the round dropped as warm-up)."""
+    stamps: list[float] = []
+    train_loop(setup, spec, device, RunHooks(on_step=lambda s, t, loss: stamps.append(time.perf_counter())))
+    return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+
+
+def _bare_step_times(setup: Setup, spec: dict[str, Any], device: torch.device) -> list[float]:
+    """The same model, optimizer, schedule and batch size in the plainest PyTorch loop."""
+    t = spec["train"]
+    model = setup.model
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t["lr"], weight_decay=t["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
+    x = ((setup.train_x[:t["batch_size"]].float() / 255 - 0.5) / 0.5).to(device)
+    y = setup.train_y[:t["batch_size"]].to(device)
+    model.train()
+    stamps = []
+    for _ in range(t["steps"]):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+
+
+def bench_loop(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2, steps: int = 20,
+               device: str = "cpu", rounds: int = 5) -> dict[str, Any]:
+    """mpbench's train_loop vs a bare loop (goal: <= 1.03x). Augmentation off in both: same math per step."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        setup, spec = _setup(["base"], model, batch, size, steps, dev, Path(tmp))
+        loop, bare = [], []
+        for _ in range(rounds):
+            loop += _loop_step_times(setup, spec, dev)
+            bare += _bare_step_times(setup, spec, dev)
+    m_loop, m_bare = statistics.median(loop), statistics.median(bare)
+    return {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, {rounds}x{steps} steps each",
+            "bare ms/step": round(1000 * m_bare, 2), "mpbench ms/step": round(1000 * m_loop, 2),
+            "ratio": round(m_loop / m_bare, 3)}
+
+
+def bench_regularizers(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2,
+                       steps: int = 10, device: str = "cpu", rounds: int = 3,
+                       methods: list[str] | None = None) -> dict[str, Any]:
+    """Step time of each method relative to ``base`` on the same network, interleaved round by round."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    methods = methods or [n for n in REGULARIZERS.names() if not n.startswith("test_")]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    skipped = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {}
+        for m in methods:
+            try:
+                setups[m] = _setup([m], model, batch, size, steps, dev, Path(tmp))
+            except Exception as e:  # noqa: BLE001 - an incompatible method is reported, not fatal
+                skipped[m] = str(e).splitlines()[0]
+        for _ in range(rounds):
+            for m, (setup, spec) in setups.items():
+                times[m] += _loop_step_times(setup, spec, dev)
+    base = statistics.median(times["base"])
+    out: dict[str, Any] = {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, "
+                                    f"{rounds}x{steps} steps each", "base ms/step": round(1000 * base, 2)}
+    for m in setups:
+        out[m] = f"{1000 * statistics.median(times[m]):.2f} ms/step  ratio {statistics.median(times[m]) / base:.2f}x"
+    out.update({m: f"skipped: {why}" for m, why in skipped.items()})
+    return out
