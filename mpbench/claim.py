@@ -36,9 +36,17 @@ def read_claim(lock: Path) -> dict[str, Any] | None:
         return {"host": "?", "pid": -1, "heartbeat": lock.stat().st_mtime if lock.exists() else 0}
 
 
+def slurm_job_id() -> str | None:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{job}_{task}" if job and task else job
+
+
 def is_stale(claim: dict[str, Any], stale_after_s: float) -> bool:
     if claim.get("host") == HOST and not _pid_alive(int(claim.get("pid", -1))):
         return True
+    if claim.get("slurm_job_id") and claim.get("slurm_job_id") == slurm_job_id():
+        return True                                # our own job's previous attempt: Slurm requeued it, it is dead
     return time.time() - float(claim.get("heartbeat", 0)) > stale_after_s
 
 

@@ -84,6 +84,10 @@ def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bo
         outcomes = run_plan(req)
     err_console.print(prog.summary(), highlight=False)
     failed = [k for k, v in outcomes.items() if v == "failed"]
+    stopped = [k for k, v in outcomes.items() if v in ("interrupted", "busy")]
+    if stopped:
+        err_console.print(f"{len(stopped)} not finished here (interrupted, or running in another process): "
+                          f"rerun the same command to resume them", highlight=False)
     if failed:
         err_console.print(f"{len(failed)} failed: `mpbench status suite={plan.suite}` shows why; "
                           f"`mpbench run suite={suite} --retry-failed` retries them", highlight=False)

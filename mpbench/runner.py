@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from mpbench.claim import Claim
+from mpbench.claim import Claim, slurm_job_id
 from mpbench.errors import MpbenchError, RunFailed, UsageError
 from mpbench.plan import artifact_path
 from mpbench.provenance import device_name, git_info, versions
@@ -105,8 +105,7 @@ def execute(results: Path, kind: str, run_id: str, ex: Execution, force: bool = 
     spec = cfg["spec"]
     if rd.is_done and not force:
         return "skipped"
-    claim = Claim(rd.lock_file, ex.heartbeat_s, ex.stale_after_s,
-                  {"slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")})
+    claim = Claim(rd.lock_file, ex.heartbeat_s, ex.stale_after_s, {"slurm_job_id": slurm_job_id()})
     if not claim.acquire():
         return "busy"
     try:
@@ -124,11 +123,9 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: 
         torch.set_num_threads(ex.threads)
     st = rd.status()
     attempts = int(st.get("attempts", 0)) + 1
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     rd.update_status(state="running", attempts=attempts, host=os.uname().nodename, pid=os.getpid(),
-                     started=time.time(), error=None, slurm_job_id=job_id, step=0, total=spec.get("train", {}).get("steps"))
+                     started=time.time(), error=None, note=None, slurm_job_id=slurm_job_id(), step=0,
+                     total=spec.get("train", {}).get("steps", spec.get("steps")))
     started = time.time()
     sink = None
     with StopFlag() as stop:
@@ -190,7 +187,7 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: 
         "wall_time_s": time.time() - started, "train_time_s": out.get("train_time_s"),
         "images_per_s": out.get("images_per_s"), "steps": spec.get("train", {}).get("steps", spec.get("steps")),
         "regularizers": out.get("regularizers", {}), "artifacts": spec.get("artifacts", {}),
-        "attempts": attempts, "resumed": bool(state),
+        "attempts": attempts, "resumed": bool(state), "resumed_from_step": int(state["step"]) if state else None,
     }
     result.update({k: v for k, v in out.items() if k not in result and k != "history"})
     if cfg["kind"] != "run":
