@@ -97,7 +97,7 @@ def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bo
 def _print_plan(plan, results: Path) -> None:
     table = Table(title=f"plan for suite {plan.suite}: {len(plan.artifacts)} stage(s), {len(plan.runs)} run(s)")
     for col in ("kind", "id", "state", "needs"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for job in plan.jobs:
         rd = job.dir(results)
         state = rd.state() if rd.path.exists() else "pending"
