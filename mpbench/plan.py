@@ -49,11 +49,11 @@ class Plan:
         return self.artifacts + self.runs
 
 
-NOT_IDENTITY = ("checkpoint_every",)   # train.* keys that change how a run executes, not what it computes
+NOT_IDENTITY = ("checkpoint_every",)   # (train.)keys that change how a run executes, not what it computes
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
-    spec = dict(spec)
+    spec = {k: v for k, v in spec.items() if k not in NOT_IDENTITY}
     if isinstance(spec.get("train"), dict):
         spec["train"] = {k: v for k, v in spec["train"].items() if k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
@@ -127,9 +127,15 @@ def metatrain_spec(cfg: DictConfig) -> dict[str, Any]:
 
 def artifact_file_ref(path: str) -> str:
     """A stage output given as a file: ``file:<absolute path>#<sha256 prefix>`` (content is part of the identity)."""
-    p = Path(path).expanduser().resolve()
+    from mpbench.config import suites_dir
+
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists():          # relative paths: to the working dir, else the project root
+        p = suites_dir().parent / p
+    p = p.resolve()
     if not p.is_file():
-        raise UsageError(f"stage file {path} not found: fix stages.<kind>.file")
+        raise UsageError(f"stage file {path} not found: fix stages.<kind>.file (absolute, or relative to the "
+                         f"working dir or the project root)")
     return f"file:{p}#{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}"
 
 
