@@ -73,6 +73,9 @@ class MetatrainStage:
     clip: float = 100.0
     inner_steps: int = 1
     runs: int = 1                        # independent meta-training runs; the best phi on held-out data is kept
+    select_steps: Optional[int] = None   # training steps of the held-out selection (None = min(steps, 200))
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 0            # meta-steps between resumable checkpoints; not identity
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

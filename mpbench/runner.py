@@ -160,7 +160,7 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: 
             ex.hooks = RunHooks(on_step=on_step, on_eval=on_eval, should_stop=stop.flag.is_set,
                                 save_checkpoint=lambda s: save_tensors(rd.checkpoint, s),
                                 load_checkpoint=lambda: state,
-                                checkpoint_every=int(spec.get("train", {}).get("checkpoint_every", 0) or 0))
+                                checkpoint_every=int(spec.get("train", spec).get("checkpoint_every", 0) or 0))
             if cfg["kind"] == "run":
                 out = _train_target(spec, rd, ex)
             else:
