@@ -1,0 +1,174 @@
+"""Micro-benchmarks of training-step cost (``python -m mpbench.bench metaperturb``).
+
+``bench_metaperturb`` times one training step (forward, backward, Adam step; training mode) of a network with and
+without MetaPerturb in ONE process, alternating the variants step by step so that a busy machine slows them
+alike, and reports the medians and their ratios. The perturbation function gets a random phi (the cost does not
+depend on its values); phi is frozen as at meta-test time.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tune_malloc(threshold: int = 1 << 30) -> bool:
+    """Keep freed memory in the process (glibc ``mallopt``: no mmap/trim of large blocks), so that the large
+    temporaries of every step do not page-fault afresh. Speeds up CPU training in general (both variants of a
+    benchmark); returns False where it does not apply (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold))) and bool(
+            libc.mallopt(m_trim_threshold, 2 * int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def _attach_metaperturb(model: nn.Module, impl: str, size: int) -> list[str]:
+    from mpbench.sites import insert, list_sites
+    from regularizers.metaperturb import PerturbFunction, PerturbSite, default_channel_norm
+
+    sites = list_sites(model, "block")
+    channels = [s.channels for s in sites]
+    fn = PerturbFunction(num_sites=len(sites), channel_norm=default_channel_norm(channels), spatial_norm=size,
+                         channels=channels, impl="fast" if impl == "fast" else "reference")
+    # "release": the reference with phi still requiring gradients (not in the optimizer), as the authors' code runs
+    fn.phi_trainable = impl == "release"
+    for i, s in enumerate(sites):
+        insert(model, s.name, PerturbSite(fn, i, register=(i == 0)), key="metaperturb")
+    return [s.name for s in sites]
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    from regularizers.metaperturb import PerturbFunction
+
+    phi = {id(p) for m in model.modules() if isinstance(m, PerturbFunction) for p in m.parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad and id(p) not in phi], lr=1e-3)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2,
+                      steps: int = 20, warmup: int = 3, impls: tuple[str, ...] = ("fast", "reference"),
+                      num_classes: int = 100, seed: int = 0, channels_last: bool = False, malloc_tune: bool = False,
+                      verbose: bool = True) -> dict[str, Any]:
+    """Median ms per training step of ``model`` without ("base") and with MetaPerturb (one entry per ``impls``:
+    "fast" = mpbench's default implementation, "reference" = the direct one, "release" = the direct one with phi
+    still requiring gradients as in the authors' code), measured interleaved.
+
+    ``channels_last`` runs every variant (network and input) in that memory format; ``malloc_tune`` calls
+    :func:`tune_malloc` first (a process-wide setting: it cannot be undone).
+
+    Returns ``{model, batch, size, threads, steps, warmup, torch, sites, channels_last, malloc_tune, base_ms,
+    base_cpu_ms, <impl>_ms, <impl>_ratio, <impl>_cpu_ms, <impl>_cpu_ratio}`` (wall-clock and process-CPU medians).
+    """
+    import timm
+
+    import mpbench.models  # noqa: F401  (registers the CIFAR nets into timm)
+
+    tuned = tune_malloc() if malloc_tune else False
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        torch.manual_seed(seed)
+        base = timm.create_model(model, num_classes=num_classes).to(memory_format=fmt)
+        variants: dict[str, nn.Module] = {"base": base}
+        sites: list[str] = []
+        for impl in impls:
+            m = copy.deepcopy(base)
+            sites = _attach_metaperturb(m, impl, size)
+            variants[impl] = m
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+        y = torch.randint(0, num_classes, (batch,))
+        steps_fns = {k: _step_fn(m, x, y) for k, m in variants.items()}
+        for _ in range(warmup):
+            for f in steps_fns.values():
+                f()
+        times: dict[str, list[float]] = {k: [] for k in steps_fns}
+        cpu: dict[str, list[float]] = {k: [] for k in steps_fns}
+        for _ in range(steps):
+            for k, f in steps_fns.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    finally:
+        torch.set_num_threads(prev_threads)
+    out: dict[str, Any] = {"model": model, "batch": batch, "size": size, "threads": int(threads), "steps": steps,
+                           "warmup": warmup, "torch": torch.__version__, "sites": len(sites),
+                           "channels_last": bool(channels_last), "malloc_tune": tuned}
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    cmed = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
+    out["base_ms"] = round(med["base"], 2)
+    out["base_cpu_ms"] = round(cmed["base"], 2)
+    for impl in impls:
+        out[f"{impl}_ms"] = round(med[impl], 2)
+        out[f"{impl}_cpu_ms"] = round(cmed[impl], 2)
+        out[f"{impl}_ratio"] = round(med[impl] / med["base"], 3)
+        out[f"{impl}_cpu_ratio"] = round(cmed[impl] / cmed["base"], 3)
+    if verbose:
+        print(format_result(out))
+    return out
+
+
+def format_result(r: dict[str, Any]) -> str:
+    head = (f"metaperturb bench: {r['model']}, batch {r['batch']}, {r['size']} px, {r['threads']} threads, "
+            f"{r['sites']} sites, Adam step, median of {r['steps']} interleaved steps (torch {r['torch']}"
+            f"{', channels_last' if r['channels_last'] else ''}{', malloc tuned' if r['malloc_tune'] else ''})")
+    lines = [head, f"  {'':<10} {'wall ms/step':>12} {'ratio':>6}   {'cpu ms/step':>11} {'ratio':>6}",
+             f"  {'base':<10} {r['base_ms']:12.1f} {1:6.2f}   {r['base_cpu_ms']:11.1f} {1:6.2f}"]
+    for k in r:
+        if k.endswith("_cpu_ratio"):
+            impl = k[:-10]
+            lines.append(f"  {impl:<10} {r[impl + '_ms']:12.1f} {r[impl + '_ratio']:6.2f}   "
+                         f"{r[impl + '_cpu_ms']:11.1f} {r[k]:6.2f}")
+    lines.append("  (wall: median over interleaved steps; cpu: process CPU time, robust to other load on the machine "
+                 "but counting OpenMP spin-waits when threads > 1)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpbench.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    mp = sub.add_parser("metaperturb", help="training-step cost of MetaPerturb vs the bare network")
+    mp.add_argument("--model", default="resnet20")
+    mp.add_argument("--batch", type=int, default=128)
+    mp.add_argument("--size", type=int, default=32)
+    mp.add_argument("--threads", type=int, default=2)
+    mp.add_argument("--steps", type=int, default=20)
+    mp.add_argument("--warmup", type=int, default=3)
+    mp.add_argument("--impl", action="append", choices=["fast", "reference", "release"],
+                    help="implementation(s) to time (default: both)")
+    mp.add_argument("--channels-last", action="store_true", help="run every variant in channels_last")
+    mp.add_argument("--malloc-tune", action="store_true", help="keep freed memory in the process (glibc mallopt)")
+    mp.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    r = bench_metaperturb(a.model, a.batch, a.size, a.threads, a.steps, a.warmup,
+                          tuple(a.impl or ("fast", "reference")), channels_last=a.channels_last,
+                          malloc_tune=a.malloc_tune, verbose=not a.json)
+    if a.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
