@@ -1,4 +1,4 @@
-"""Micro-benchmarks of training-step cost (``python -m mpbench.bench metaperturb``).
+"""Micro-benchmark of MetaPerturb's training-step cost (``mpbench bench metaperturb``).
 
 ``bench_metaperturb`` times one training step (forward, backward, Adam step; training mode) of a network with and
 without MetaPerturb in ONE process, alternating the variants step by step so that a busy machine slows them
@@ -7,11 +7,8 @@ depend on its values); phi is frozen as at meta-test time.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -69,7 +66,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
 def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2,
                       steps: int = 20, warmup: int = 3, impls: tuple[str, ...] = ("fast", "reference"),
                       num_classes: int = 100, seed: int = 0, channels_last: bool = False, malloc_tune: bool = False,
-                      verbose: bool = True) -> dict[str, Any]:
+                      verbose: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Median ms per training step of ``model`` without ("base") and with MetaPerturb (one entry per ``impls``:
     "fast" = mpbench's default implementation, "reference" = the direct one, "release" = the direct one with phi
     still requiring gradients as in the authors' code), measured interleaved.
@@ -97,8 +94,12 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
             m = copy.deepcopy(base)
             sites = _attach_metaperturb(m, impl, size)
             variants[impl] = m
-        x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
-        y = torch.randint(0, num_classes, (batch,))
+        dev = torch.device(device)
+        for m in variants.values():
+            m.to(dev)
+        x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, num_classes, (batch,), device=dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         steps_fns = {k: _step_fn(m, x, y) for k, m in variants.items()}
         for _ in range(warmup):
             for f in steps_fns.values():
@@ -107,13 +108,16 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
         cpu: dict[str, list[float]] = {k: [] for k in steps_fns}
         for _ in range(steps):
             for k, f in steps_fns.items():
+                sync()
                 c0, t0 = time.process_time(), time.perf_counter()
                 f()
+                sync()
                 times[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
     finally:
         torch.set_num_threads(prev_threads)
-    out: dict[str, Any] = {"model": model, "batch": batch, "size": size, "threads": int(threads), "steps": steps,
+    out: dict[str, Any] = {"model": model, "device": device, "batch": batch, "size": size, "threads": int(threads),
+                           "steps": steps,
                            "warmup": warmup, "torch": torch.__version__, "sites": len(sites),
                            "channels_last": bool(channels_last), "malloc_tune": tuned}
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -131,7 +135,7 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
 
 
 def format_result(r: dict[str, Any]) -> str:
-    head = (f"metaperturb bench: {r['model']}, batch {r['batch']}, {r['size']} px, {r['threads']} threads, "
+    head = (f"metaperturb bench: {r['model']}, {r['device']}, batch {r['batch']}, {r['size']} px, {r['threads']} threads, "
             f"{r['sites']} sites, Adam step, median of {r['steps']} interleaved steps (torch {r['torch']}"
             f"{', channels_last' if r['channels_last'] else ''}{', malloc tuned' if r['malloc_tune'] else ''})")
     lines = [head, f"  {'':<10} {'wall ms/step':>12} {'ratio':>6}   {'cpu ms/step':>11} {'ratio':>6}",
@@ -144,31 +148,3 @@ def format_result(r: dict[str, Any]) -> str:
     lines.append("  (wall: median over interleaved steps; cpu: process CPU time, robust to other load on the machine "
                  "but counting OpenMP spin-waits when threads > 1)")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpbench.bench", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="what", required=True)
-    mp = sub.add_parser("metaperturb", help="training-step cost of MetaPerturb vs the bare network")
-    mp.add_argument("--model", default="resnet20")
-    mp.add_argument("--batch", type=int, default=128)
-    mp.add_argument("--size", type=int, default=32)
-    mp.add_argument("--threads", type=int, default=2)
-    mp.add_argument("--steps", type=int, default=20)
-    mp.add_argument("--warmup", type=int, default=3)
-    mp.add_argument("--impl", action="append", choices=["fast", "reference", "release"],
-                    help="implementation(s) to time (default: both)")
-    mp.add_argument("--channels-last", action="store_true", help="run every variant in channels_last")
-    mp.add_argument("--malloc-tune", action="store_true", help="keep freed memory in the process (glibc mallopt)")
-    mp.add_argument("--json", action="store_true", help="print the result as JSON")
-    a = p.parse_args(argv)
-    r = bench_metaperturb(a.model, a.batch, a.size, a.threads, a.steps, a.warmup,
-                          tuple(a.impl or ("fast", "reference")), channels_last=a.channels_last,
-                          malloc_tune=a.malloc_tune, verbose=not a.json)
-    if a.json:
-        print(json.dumps(r))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -190,20 +190,35 @@ def data_verify(name: str, root: str | None) -> None:
 
 
 @cli.command()
-@click.argument("what", type=click.Choice(["metaperturb", "loop"]))
+@click.argument("what", type=click.Choice(["metaperturb", "loop", "regularizers"]))
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--batch", default=128, show_default=True)
-@click.option("--size", default=32, show_default=True)
+@click.option("--size", default=32, show_default=True, help="image size in pixels")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--steps", default=20, show_default=True, help="measured steps per variant (interleaved)")
-@click.option("--device", default="cpu", show_default=True)
-def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str) -> None:
-    """Benchmarks: `metaperturb` (step time vs base network), `loop` (mpbench's loop vs bare PyTorch)."""
-    from mpbench import bench as benchmarks
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--impl", multiple=True, type=click.Choice(["fast", "reference", "release"]),
+              help="metaperturb: implementation(s) to time (default: fast and reference)")
+@click.option("--channels-last", is_flag=True, help="metaperturb: run every variant in channels_last")
+def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str,
+          impl: tuple[str, ...], channels_last: bool) -> None:
+    """Step-time benchmarks, measured interleaved in one process (no timing asserts live in tests).
 
-    fn = {"metaperturb": benchmarks.bench_metaperturb, "loop": benchmarks.bench_loop}[what]
-    out = fn(model=model, batch=batch, size=size, threads=threads, steps=steps, device=device)
-    for k, v in out.items():
+    \b
+    metaperturb   base vs MetaPerturb ms/step and their ratio
+    loop          mpbench's run loop vs a bare PyTorch loop (same model, batch, optimizer)
+    regularizers  every registered method's ms/step relative to base
+    """
+    if what == "metaperturb":
+        from mpbench.bench import bench_metaperturb
+
+        bench_metaperturb(model, batch, size, threads, steps, impls=impl or ("fast", "reference"),
+                          channels_last=channels_last, device=device)
+        return
+    from mpbench import bench_loop
+
+    fn = bench_loop.bench_loop if what == "loop" else bench_loop.bench_regularizers
+    for k, v in fn(model=model, batch=batch, size=size, threads=threads, steps=steps, device=device).items():
         console.print(f"{k:>22}: {v}", highlight=False)
 
 
