@@ -201,5 +201,6 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: 
 
 
 def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    msg = lines[0] if lines else ""
     return msg if isinstance(e, MpbenchError) else f"{type(e).__name__}: {msg}"

@@ -10,7 +10,8 @@ from torch import nn
 
 from mpbench.errors import IncompatibleError, UsageError
 from mpbench.regularization import EvalProtocol, Hparam, Regularizer, RunContext, register_regularizer
-from regularizers._perturb import PHI_SHAPES, PerturbFunction, check_phi, load_phi_file, standard_normal
+from regularizers._perturb import PHI_SHAPES, PerturbFunction, check_phi, load_phi_file
+from regularizers._perturb_fast import standard_normal
 
 __all__ = ["MetaPerturb", "PerturbFunction", "PerturbSite", "PHI_SHAPES", "check_phi", "load_phi_file",
            "standard_normal", "default_channel_norm"]

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import mpbench.models  # noqa: F401  (registers resnet20 & co. into timm)
 from mpbench.errors import UsageError
 from mpbench.regularization import REGULARIZERS, RunContext
-from regularizers._perturb import (PHI_NUMEL, PHI_SHAPES, _softplus_sigmoid, expected_softplus, load_phi_file,
-                                   standard_normal)
+from regularizers._perturb import PHI_NUMEL, PHI_SHAPES, load_phi_file
+from regularizers._perturb_fast import _softplus_sigmoid, expected_softplus, standard_normal
 from regularizers.metaperturb import MetaPerturb, PerturbFunction, PerturbSite
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "metaperturb_official_tin_resnet20_750.pth"
@@ -462,4 +462,4 @@ def test_bench_smoke():
 
     r = bench_metaperturb("resnet20", batch=4, size=16, threads=1, steps=1, warmup=0, verbose=False)
     assert r["sites"] == 9 and r["base_ms"] > 0 and r["fast_ratio"] > 0 and r["reference_ratio"] > 0
-    assert "resnet20, batch 4, 16 px, 1 threads" in format_result(r)
+    assert "resnet20, cpu, batch 4, 16 px, 1 threads" in format_result(r)

@@ -108,7 +108,7 @@ def run_plan(req: Request) -> dict[str, str]:
             else:
                 req.outcomes[job.id] = "skipped" if job.dir(req.results).is_done else "failed"
                 if req.progress:
-                    req.progress.finished(job.id, req.outcomes[job.id], job.dir(req.results).status().get("error") or "")
+                    req.progress.finished(job.id, req.outcomes[job.id], outcome_detail(req, job, "failed"))
         for attempt in range(req.launcher.max_retries + 1):
             if not todo:
                 break
@@ -142,3 +142,19 @@ def wait_for_others(jobs: list[Job], req: Request, launch: Callable, poll_s: flo
                 req.outcomes.update(launch(req, [job]))
                 if req.outcomes[job.id] != "busy":
                     pending.remove(job)
+
+
+def outcome_detail(req: Request, job: Job, outcome: str) -> str:
+    """One line for the progress display: the error of a failed job, accuracy and time of a finished run."""
+    from mpbench.store import read_json
+
+    rd = job.dir(req.results)
+    if outcome == "failed":
+        return rd.status().get("error") or ""
+    if outcome == "done" and job.kind == "run":
+        try:
+            r = read_json(rd.result_file)
+            return f"acc {100 * r['final']['acc']:.1f}%  {r['wall_time_s']:.0f}s"
+        except (OSError, ValueError, KeyError):
+            return ""
+    return ""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mpbench.launchers import Request, register_launcher
+from mpbench.launchers import Request, outcome_detail, register_launcher
 from mpbench.plan import Job
 from mpbench.runner import Execution, execute
 
@@ -32,22 +32,7 @@ def launch_local(req: Request, jobs: list[Job]) -> dict[str, str]:
         outcome = execute(req.results, job.kind, job.id, ex, force=req.force)
         outcomes[job.id] = outcome
         if prog:
-            prog.finished(job.id, outcome, _detail(req, job, outcome))
+            prog.finished(job.id, outcome, outcome_detail(req, job, outcome))
         if outcome == "failed" and req.fail_fast:
             break
     return outcomes
-
-
-def _detail(req: Request, job: Job, outcome: str) -> str:
-    from mpbench.store import read_json
-
-    rd = job.dir(req.results)
-    if outcome == "failed":
-        return rd.status().get("error") or ""
-    if outcome == "done" and job.kind == "run":
-        try:
-            r = read_json(rd.result_file)
-            return f"acc {100 * r['final']['acc']:.1f}%  {r['wall_time_s']:.0f}s"
-        except (OSError, ValueError, KeyError):
-            return ""
-    return ""

@@ -16,7 +16,7 @@ import time
 from omegaconf import ListConfig
 
 from mpbench.errors import UsageError
-from mpbench.launchers import Request, register_launcher
+from mpbench.launchers import Request, outcome_detail, register_launcher
 from mpbench.plan import Job
 from mpbench.worker import OUTCOME
 
@@ -99,7 +99,7 @@ def launch_pool(req: Request, jobs: list[Job]) -> dict[str, str]:
                     job.dir(req.results).update_status(state="failed", error=reason, transient=True)
                 outcomes[job.id] = outcome
                 if prog:
-                    prog.finished(job.id, outcome, job.dir(req.results).status().get("error") or "")
+                    prog.finished(job.id, outcome, outcome_detail(req, job, outcome))
     except KeyboardInterrupt:
         _stop_children([p for p, _ in running.values()])
         raise

@@ -45,8 +45,7 @@ from submitit.core.utils import DelayedSubmission, FailedJobError, FailedSubmiss
 from submitit.slurm.slurm import SlurmJob, SlurmJobEnvironment, _get_default_parameters
 
 from mpbench.errors import UsageError
-from mpbench.launchers import Request, register_launcher
-from mpbench.launchers.local import _detail
+from mpbench.launchers import Request, outcome_detail, register_launcher
 from mpbench.plan import Job
 from mpbench.store import RunDir
 
@@ -291,7 +290,7 @@ def _wait(req: Request, jobs: list[Job], sjobs: list[SlurmJob], poll_s: float = 
             if prog:
                 if jid not in started:
                     prog.started(jid, st.get("total"))
-                prog.finished(jid, outcome, _detail(req, job, outcome))
+                prog.finished(jid, outcome, outcome_detail(req, job, outcome))
         if req.fail_fast and "failed" in outcomes.values() and todo:
             subprocess.run(["scancel", "--state=PENDING", *sorted({_array_id(s) for _, s in todo.values()})],
                            check=False, capture_output=True)
