@@ -73,8 +73,9 @@ class InfoDropout(Regularizer):
     here it reads the site's activation h, since a site only sees its own tensor). ``head="conv1x1"`` is a cheaper,
     documented deviation. Placement: ``where="blocks"``: every "block" site (MetaPerturb's sites: after the residual
     add / after conv+BN, before the ReLU; eps > 0 so ReLU(h * eps) = ReLU(h) * eps, i.e. the noise acts on the
-    ReLU output as the KL assumes); ``where="stages"``: only the last block site of every stage (fewer noisy layers,
-    nearer the reference's two). Where MetaPerturb's authors placed it is unknown.
+    ReLU output as the KL assumes); ``where="stages"`` (default): only the last block site of every stage (fewer noisy
+    layers, nearer the reference's two). Where MetaPerturb's authors placed it is unknown. Measured here (ResNet-20,
+    digits 50/class, 150 steps): every block site at beta 3 stays at chance; the last site of each stage learns.
 
     Evaluation: deterministic, noise off (sigma0 = 0). ``before_eval`` repeats the reference's "dry run": noise
     off, all BatchNorm layers reset and re-estimated in train mode with momentum None (cumulative average) over
@@ -87,7 +88,7 @@ class InfoDropout(Regularizer):
         "beta": Hparam(3.0, lambda r: 10 ** r.uniform(-1, 1), "weight of the KL term (divided by N_train)"),
         "max_alpha": Hparam(0.7, None, "largest std of the log-noise"),
         "head": Hparam("conv3x3", None, "alpha head: conv3x3 (reference shape) | conv1x1 (cheaper)"),
-        "where": Hparam("blocks", None, "blocks (every block site) | stages (last block of each stage)"),
+        "where": Hparam("stages", None, "stages (last block of each stage) | blocks (every block site)"),
         "bn_batches": Hparam(50, None, "training batches for BN re-estimation before each evaluation (0: off)"),
     }
 

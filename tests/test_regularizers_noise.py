@@ -397,7 +397,7 @@ def test_info_dropout_penalty_scaling_and_gradients_reach_alpha_head():
 
 
 def test_info_dropout_bn_reestimation_is_deterministic_and_restores_modes():
-    reg, model = make("info_dropout", bn_batches=3)
+    reg, model = make("info_dropout", bn_batches=3, where="blocks")
     assert reg.chosen_sites == [s.name for s in list_sites(model, "block")]
     torch.manual_seed(0)
     batches = [torch.randn(16, 3, 32, 32) for _ in range(5)]
@@ -430,3 +430,8 @@ def test_info_dropout_one_by_one_head_and_stage_placement():
     last = {s.stage: s.name for s in sites}
     assert reg.chosen_sites == list(last.values())
     assert all(m.alpha_head.kernel_size == (1, 1) for m in reg.noisy)
+
+
+def test_info_dropout_default_places_noise_at_the_last_block_of_each_stage():
+    reg, model = make("info_dropout")
+    assert reg.chosen_sites == ["layer1.2.site", "layer2.2.site", "layer3.2.site"]
