@@ -1,6 +1,6 @@
-"""Benchmarks of mpbench's own run loop: ``loop`` (train_loop vs a bare PyTorch loop on the same model, batch and
-optimizer) and ``regularizers`` (each method's step time over ``base`` on one architecture). Both measure the
-variants interleaved in one process (rounds of steps, alternating) and report medians of per-step times."""
+"""Benchmarks of mpbench's own run loop: ``loop`` (a train_loop step vs a bare PyTorch step on the same model, batch
+and optimizer) and ``regularizers`` (each method's step time over ``base`` on one architecture). Both alternate the
+variants step by step in one process, so a busy machine slows them alike, and report medians of per-step times."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import mpbench.models  # noqa: F401
 from mpbench.data import ImageData
 from mpbench.regularization import REGULARIZERS, RunContext, build_stack, resolve_hparams
-from mpbench.train import RunHooks, Setup, lr_factor, train_loop
+from mpbench.train import Setup, Stepper, lr_factor
 
 
 def _spec(methods: list[str], model: str, batch: int, steps: int) -> dict[str, Any]:
@@ -60,19 +60,20 @@ def _setup(methods: list[str], model: str, batch: int, size: int, steps: int, de
                      total_steps=steps, num_train=n, device=device,
                      artifacts=fake_artifacts(kinds, model, 3, tmp / "_".join(methods)))
     stack = build_stack(methods, spec["reg"], ctx)
+    for member in stack.members:
+        member.check(net, ctx)
     stack.attach(net)
     net.to(device)
     return Setup(net, stack, ctx, data.images, data.labels, data.images[:batch], data.labels[:batch], classes), spec
 
 
-def _loop_step_times(setup: Setup, spec: dict[str, Any], device: torch.device) -> list[float]:
-    """Per-step wall times of mpbench's train_loop (first step of the round dropped as warm-up)."""
-    stamps: list[float] = []
-    train_loop(setup, spec, device, RunHooks(on_step=lambda s, t, loss: stamps.append(time.perf_counter())))
-    return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def _bare_step_times(setup: Setup, spec: dict[str, Any], device: torch.device) -> list[float]:
+def _bare_step(setup: Setup, spec: dict[str, Any], device: torch.device):
     """The same model, optimizer, schedule and batch size in the plainest PyTorch loop."""
     t = spec["train"]
     model = setup.model
@@ -80,60 +81,84 @@ def _bare_step_times(setup: Setup, spec: dict[str, Any], device: torch.device) -
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
     x = ((setup.train_x[:t["batch_size"]].float() / 255 - 0.5) / 0.5).to(device)
     y = setup.train_y[:t["batch_size"]].to(device)
-    model.train()
-    stamps = []
-    for _ in range(t["steps"]):
+
+    def step() -> None:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+        _sync(device)
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _mpbench_step(setup: Setup, spec: dict[str, Any], device: torch.device):
+    """One step exactly as train_loop takes it (Stepper + the loop's per-step loss read-out)."""
+    stepper = Stepper(setup, spec, device)
+    count = iter(range(10 ** 9))
+
+    def step() -> None:
+        total, _ = stepper.step(next(count))
+        float(total)
+        _sync(device)
+
+    return step
 
 
 def bench_loop(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2, steps: int = 20,
-               device: str = "cpu", rounds: int = 5) -> dict[str, Any]:
-    """mpbench's train_loop vs a bare loop (goal: <= 1.03x). Augmentation off in both: same math per step."""
+               device: str = "cpu", warmup: int = 3) -> dict[str, Any]:
+    """mpbench's run loop vs a bare loop (goal: <= 1.03x), alternating step by step. Augmentation off in both."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         setup, spec = _setup(["base"], model, batch, size, steps, dev, Path(tmp))
-        loop, bare = [], []
-        for _ in range(rounds):
-            loop += _loop_step_times(setup, spec, dev)
-            bare += _bare_step_times(setup, spec, dev)
-    m_loop, m_bare = statistics.median(loop), statistics.median(bare)
-    return {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, {rounds}x{steps} steps each",
-            "bare ms/step": round(1000 * m_bare, 2), "mpbench ms/step": round(1000 * m_loop, 2),
-            "ratio": round(m_loop / m_bare, 3)}
+        setup.model.train()
+        fns = {"mpbench": _mpbench_step(setup, spec, dev), "bare": _bare_step(setup, spec, dev)}
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for i in range(warmup + steps):
+            for k, fn in fns.items():
+                dt = _timed(fn)
+                if i >= warmup:
+                    times[k].append(dt)
+    m_loop, m_bare = statistics.median(times["mpbench"]), statistics.median(times["bare"])
+    return {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median of {steps} "
+                     f"interleaved steps", "bare ms/step": round(1000 * m_bare, 2),
+            "mpbench ms/step": round(1000 * m_loop, 2), "ratio": round(m_loop / m_bare, 3)}
 
 
 def bench_regularizers(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2,
-                       steps: int = 10, device: str = "cpu", rounds: int = 3,
+                       steps: int = 10, device: str = "cpu", warmup: int = 2,
                        methods: list[str] | None = None) -> dict[str, Any]:
-    """Step time of each method relative to ``base`` on the same network, interleaved round by round."""
+    """Step time of each method relative to ``base`` on the same network, alternating method by method each step."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     methods = methods or [n for n in REGULARIZERS.names() if not n.startswith("test_")]
-    times: dict[str, list[float]] = {m: [] for m in methods}
     skipped = {}
     with tempfile.TemporaryDirectory() as tmp:
-        setups = {}
+        fns = {}
         for m in methods:
             try:
-                setups[m] = _setup([m], model, batch, size, steps, dev, Path(tmp))
+                setup, spec = _setup([m], model, batch, size, warmup + steps, dev, Path(tmp))
+                setup.model.train()
+                fns[m] = _mpbench_step(setup, spec, dev)
             except Exception as e:  # noqa: BLE001 - an incompatible method is reported, not fatal
                 skipped[m] = str(e).splitlines()[0]
-        for _ in range(rounds):
-            for m, (setup, spec) in setups.items():
-                times[m] += _loop_step_times(setup, spec, dev)
+        times: dict[str, list[float]] = {m: [] for m in fns}
+        for i in range(warmup + steps):
+            for m, fn in fns.items():
+                dt = _timed(fn)
+                if i >= warmup:
+                    times[m].append(dt)
     base = statistics.median(times["base"])
-    out: dict[str, Any] = {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, "
-                                    f"{rounds}x{steps} steps each", "base ms/step": round(1000 * base, 2)}
-    for m in setups:
+    out: dict[str, Any] = {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median "
+                                    f"of {steps} interleaved steps", "base ms/step": round(1000 * base, 2)}
+    for m in fns:
         out[m] = f"{1000 * statistics.median(times[m]):.2f} ms/step  ratio {statistics.median(times[m]) / base:.2f}x"
     out.update({m: f"skipped: {why}" for m, why in skipped.items()})
     return out

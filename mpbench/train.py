@@ -171,42 +171,23 @@ def evaluate(s: Setup, t: dict[str, Any], final: bool, device: torch.device) -> 
     return out
 
 
-def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunHooks) -> dict[str, Any]:
-    """Train for ``spec.train.steps`` with periodic evaluation; returns the final metrics and timing."""
-    t = spec["train"]
-    model, stack = s.model, s.stack
-    opt = make_optimizer(model, stack, t)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
-    aug = t.get("augment", {})
-    stream = BatchStream(s.train_x, s.train_y, t["batch_size"], spec["seed"], device,
-                         crop_pad=aug.get("crop_pad", 0), flip=aug.get("flip", False))
-    start, history, train_time, images = 0, [], 0.0, 0
-    state = hooks.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        stack.load_state_dict(state["regularizers"])
-        stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
-        start, history = int(state["step"]), list(state["history"])
-        train_time, images = float(state["train_time"]), int(state["images"])
+class Stepper:
+    """One optimisation step at a time: optimizer, schedule and batch stream of a run (their state is resumable)."""
 
-    def checkpoint(step: int) -> None:
-        if hooks.save_checkpoint is not None:
-            hooks.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict(), "regularizers": stack.state_dict(),
-                                   "stream": stream.state_dict(), "rng": rng_state(), "step": step,
-                                   "history": history, "train_time": train_time, "images": images})
+    def __init__(self, s: Setup, spec: dict[str, Any], device: torch.device):
+        t = spec["train"]
+        self.s = s
+        self.opt = make_optimizer(s.model, s.stack, t)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(t))
+        aug = t.get("augment", {})
+        self.stream = BatchStream(s.train_x, s.train_y, t["batch_size"], spec["seed"], device,
+                                  crop_pad=aug.get("crop_pad", 0), flip=aug.get("flip", False))
 
-    model.train()
-    for step in range(start, t["steps"]):
-        if hooks.should_stop():
-            checkpoint(step)
-            raise Interrupted(f"stopped at step {step}")
-        tic = time.perf_counter()
+    def step(self, step: int) -> tuple[torch.Tensor, int]:
+        """Train on one batch; returns the total loss (detached) and the batch size."""
+        model, stack = self.s.model, self.s.stack
         stack.begin_step(step)
-        x, y = stream.next()
+        x, y = self.stream.next()
         x, target = stack.transform_batch(x, y)
         logits = model(x)
         loss = soft_cross_entropy(logits, target)
@@ -217,19 +198,58 @@ def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunH
             bad = [k for k, v in {"cross-entropy": loss, **penalties}.items() if not torch.isfinite(v)]
             raise RunFailed(f"non-finite loss ({', '.join(bad)} = {total.item()}) at step {step}: "
                             f"lower train.lr or check the regularizer's hparams")
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         total.backward()
-        opt.step()
-        sched.step()
+        self.opt.step()
+        self.sched.step()
+        return total.detach(), x.shape[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.s.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "regularizers": self.s.stack.state_dict(),
+                "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.s.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.s.stack.load_state_dict(state["regularizers"])
+        self.stream.load_state_dict(state["stream"])
+
+
+def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunHooks) -> dict[str, Any]:
+    """Train for ``spec.train.steps`` with periodic evaluation; returns the final metrics and timing."""
+    t = spec["train"]
+    stepper = Stepper(s, spec, device)
+    start, history, train_time, images = 0, [], 0.0, 0
+    state = hooks.load_checkpoint()
+    if state is not None:
+        stepper.load_state_dict(state)
+        set_rng_state(state["rng"])
+        start, history = int(state["step"]), list(state["history"])
+        train_time, images = float(state["train_time"]), int(state["images"])
+
+    def checkpoint(step: int) -> None:
+        if hooks.save_checkpoint is not None:
+            hooks.save_checkpoint({**stepper.state_dict(), "rng": rng_state(), "step": step, "history": history,
+                                   "train_time": train_time, "images": images})
+
+    s.model.train()
+    for step in range(start, t["steps"]):
+        if hooks.should_stop():
+            checkpoint(step)
+            raise Interrupted(f"stopped at step {step}")
+        tic = time.perf_counter()
+        total, batch = stepper.step(step)
         if device.type == "cuda" and hooks.on_step is not None and step % 50 == 0:
             torch.cuda.synchronize()
         train_time += time.perf_counter() - tic
-        images += x.shape[0]
+        images += batch
         if hooks.on_step is not None:
-            hooks.on_step(step + 1, t["steps"], float(total.detach()))
+            hooks.on_step(step + 1, t["steps"], float(total))
         done = step + 1
         if t["eval_every"] and done % t["eval_every"] == 0 and done < t["steps"]:
-            row = {"step": done, "loss": float(total.detach()), "lr": sched.get_last_lr()[0],
+            row = {"step": done, "loss": float(total), "lr": stepper.sched.get_last_lr()[0],
                    **evaluate(s, t, final=False, device=device)}
             history.append(row)
             if hooks.on_eval:
@@ -237,7 +257,7 @@ def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunH
         if hooks.checkpoint_every and done % hooks.checkpoint_every == 0 and done < t["steps"]:
             checkpoint(done)
     final = evaluate(s, t, final=True, device=device)
-    row = {"step": t["steps"], "lr": sched.get_last_lr()[0], **final}
+    row = {"step": t["steps"], "lr": stepper.sched.get_last_lr()[0], **final}
     history.append(row)
     if hooks.on_eval:
         hooks.on_eval(row)

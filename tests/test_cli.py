@@ -85,3 +85,14 @@ def test_list_commands(cli):
 def test_report_without_results_is_a_clear_error(cli, tmp_path):
     code, _, err = cli("report", "suite=nothing", "--results", tmp_path / "none")
     assert code == 2 and "mpbench run" in err
+
+
+def test_bench_commands_report_ratios(cli):
+    code, out, err = cli("bench", "loop", "--steps", "2", "--batch", "8", "--size", "16", "--threads", "1")
+    assert code == 0, err
+    assert "bare ms/step" in out and "ratio" in out
+    from mpbench.bench_loop import bench_regularizers
+
+    r = bench_regularizers(batch=8, size=16, threads=1, steps=1, warmup=1, methods=["base", "dropout", "drop_path"],
+                           model="conv4")
+    assert "ratio 1.00x" in r["base"] and "ratio" in r["dropout"] and r["drop_path"].startswith("skipped:")
