@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from mpbench.errors import UsageError, did_you_mean
 
@@ -16,6 +18,14 @@ class Entry(Generic[T]):
     description: str = ""
     citation: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def import_plugins(modules: Iterable[str], group: str) -> None:
+    """Import ``modules`` (they register themselves by decorator), then every entry point in ``group``."""
+    for name in modules:
+        importlib.import_module(name)
+    for ep in entry_points(group=group):
+        ep.load()
 
 
 class Registry(Generic[T]):

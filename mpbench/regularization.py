@@ -18,11 +18,9 @@ exclusive resources such as ``"init"`` for weight initialisation) may not overla
 from __future__ import annotations
 
 import contextlib
-import importlib
 import pkgutil
 import random
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -30,17 +28,14 @@ import torch
 from torch import nn
 
 from mpbench.errors import IncompatibleError, UsageError, did_you_mean
-from mpbench.registry import Registry
+from mpbench.registry import Registry, import_plugins
 
 
 def _load_plugins() -> None:
     import regularizers
 
-    for mod in pkgutil.iter_modules(regularizers.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"regularizers.{mod.name}")
-    for ep in entry_points(group="mpbench.regularizers"):
-        ep.load()
+    import_plugins((f"regularizers.{m.name}" for m in pkgutil.iter_modules(regularizers.__path__)
+                    if not m.name.startswith("_")), group="mpbench.regularizers")
 
 
 REGULARIZERS: Registry[type["Regularizer"]] = Registry("regularizer", loader=_load_plugins)

@@ -37,17 +37,23 @@ def one_line(text: Any, limit: int = 200) -> str | None:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _read_json(path: Path) -> dict | None:
-    """Parsed JSON object, None when absent; raises Unreadable when corrupt or too new."""
+def _read(path: Path, parse: Any, errors: tuple[type[BaseException], ...]) -> dict | None:
+    """Parsed mapping, None when absent; raises Unreadable when corrupt."""
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, *errors) as e:
         raise Unreadable(f"{path.name}: {one_line(e)}") from None
     if not isinstance(data, dict):
-        raise Unreadable(f"{path.name}: not a JSON object")
-    schema = data.get("schema", 1)
+        raise Unreadable(f"{path.name}: not a mapping")
+    return data
+
+
+def _read_json(path: Path) -> dict | None:
+    """Parsed JSON object, None when absent; raises Unreadable when corrupt or too new."""
+    data = _read(path, json.loads, (json.JSONDecodeError,))
+    schema = (data or {}).get("schema", 1)
     if not isinstance(schema, int) or schema > SCHEMA_VERSION:
         raise Unreadable(f"{path.name}: schema {schema!r} is newer than this mpbench reads "
                          f"({SCHEMA_VERSION}); upgrade mpbench")
@@ -56,15 +62,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _read_config(path: Path) -> dict | None:
     """Parsed config.yaml (safe_load), None when absent; raises Unreadable when corrupt."""
-    if not path.exists():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise Unreadable(f"{path.name}: {one_line(e)}") from None
-    if not isinstance(data, dict):
-        raise Unreadable(f"{path.name}: not a mapping")
-    return data
+    return _read(path, yaml.safe_load, (yaml.YAMLError,))
 
 
 def flatten(spec: dict, prefix: str = "") -> dict[str, Any]:

@@ -7,11 +7,9 @@ A dataset is one class in a family module (``mpbench/data/<family>.py``) decorat
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -19,17 +17,14 @@ import numpy as np
 import torch
 
 from mpbench.errors import DataMissingError, MpbenchError, UsageError
-from mpbench.registry import Registry
+from mpbench.registry import Registry, import_plugins
 
 SPLITS = ("train", "test")
 FAMILIES = ("synthetic", "sklearn_digits", "mnist", "cifar", "svhn", "stl10")  # registration = table order
 
 
 def _load_families() -> None:
-    for family in FAMILIES:
-        importlib.import_module(f"mpbench.data.{family}")
-    for ep in entry_points(group="mpbench.datasets"):
-        ep.load()
+    import_plugins((f"mpbench.data.{family}" for family in FAMILIES), group="mpbench.datasets")
 
 
 DATASETS: Registry[type["DatasetSource"]] = Registry("dataset", loader=_load_families)
