@@ -67,10 +67,16 @@ def _setup(methods: list[str], model: str, batch: int, size: int, steps: int, de
     return Setup(net, stack, ctx, data.images, data.labels, data.images[:batch], data.labels[:batch], classes), spec
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _interleaved_medians(fns: dict[str, Any], warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn step after step (warm-up calls dropped)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + steps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _bare_step(setup: Setup, spec: dict[str, Any], device: torch.device):
@@ -120,13 +126,8 @@ def bench_loop(model: str = "resnet20", batch: int = 128, size: int = 32, thread
         setup, spec = _setup(["base"], model, batch, size, steps, dev, Path(tmp))
         setup.model.train()
         fns = {"mpbench": _mpbench_step(setup, spec, dev), "bare": _bare_step(setup, spec, dev)}
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for i in range(warmup + steps):
-            for k, fn in fns.items():
-                dt = _timed(fn)
-                if i >= warmup:
-                    times[k].append(dt)
-    m_loop, m_bare = statistics.median(times["mpbench"]), statistics.median(times["bare"])
+        med = _interleaved_medians(fns, warmup, steps)
+    m_loop, m_bare = med["mpbench"], med["bare"]
     return {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median of {steps} "
                      f"interleaved steps", "bare ms/step": round(1000 * m_bare, 2),
             "mpbench ms/step": round(1000 * m_loop, 2), "ratio": round(m_loop / m_bare, 3)}
@@ -149,16 +150,11 @@ def bench_regularizers(model: str = "resnet20", batch: int = 128, size: int = 32
                 fns[m] = _mpbench_step(setup, spec, dev)
             except Exception as e:  # noqa: BLE001 - an incompatible method is reported, not fatal
                 skipped[m] = str(e).splitlines()[0]
-        times: dict[str, list[float]] = {m: [] for m in fns}
-        for i in range(warmup + steps):
-            for m, fn in fns.items():
-                dt = _timed(fn)
-                if i >= warmup:
-                    times[m].append(dt)
-    base = statistics.median(times["base"])
+        med = _interleaved_medians(fns, warmup, steps)
+    base = med["base"]
     out: dict[str, Any] = {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median "
                                     f"of {steps} interleaved steps", "base ms/step": round(1000 * base, 2)}
     for m in fns:
-        out[m] = f"{1000 * statistics.median(times[m]):.2f} ms/step  ratio {statistics.median(times[m]) / base:.2f}x"
+        out[m] = f"{1000 * med[m]:.2f} ms/step  ratio {med[m] / base:.2f}x"
     out.update({m: f"skipped: {why}" for m, why in skipped.items()})
     return out

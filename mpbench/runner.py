@@ -5,14 +5,11 @@ Outcomes: ``done``, ``failed``, ``interrupted`` (checkpoint written; resumes on 
 """
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from mpbench.claim import Claim, slurm_job_id
-from mpbench.errors import MpbenchError, RunFailed, UsageError
+from mpbench.errors import MpbenchError, RunFailed
 from mpbench.plan import artifact_path
 from mpbench.provenance import device_name, git_info, versions
 from mpbench.stages import STAGES, save_tensors
