@@ -40,7 +40,8 @@ def _attach_metaperturb(model: nn.Module, impl: str, size: int) -> list[str]:
     sites = list_sites(model, "block")
     channels = [s.channels for s in sites]
     fn = PerturbFunction(num_sites=len(sites), channel_norm=default_channel_norm(channels), spatial_norm=size,
-                         channels=channels, impl="fast" if impl == "fast" else "reference")
+                         channels=channels, impl="reference" if impl in ("reference", "release") else "fast")
+    fn.native = impl == "fast"        # "pytorch": the fast path without the native CPU kernels
     # "release": the reference with phi still requiring gradients (not in the optimizer), as the authors' code runs
     fn.phi_trainable = impl == "release"
     for i, s in enumerate(sites):
@@ -68,8 +69,9 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
                       num_classes: int = 100, seed: int = 0, channels_last: bool = False, malloc_tune: bool = False,
                       verbose: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Median ms per training step of ``model`` without ("base") and with MetaPerturb (one entry per ``impls``:
-    "fast" = mpbench's default implementation, "reference" = the direct one, "release" = the direct one with phi
-    still requiring gradients as in the authors' code), measured interleaved.
+    "fast" = mpbench's default implementation (native CPU kernels where they build), "pytorch" = the same without
+    the native kernels (what runs on GPUs), "reference" = the direct one, "release" = the direct one with phi still
+    requiring gradients as in the authors' code), measured interleaved.
 
     ``channels_last`` runs every variant (network and input) in that memory format; ``malloc_tune`` calls
     :func:`tune_malloc` first (a process-wide setting: it cannot be undone).
@@ -119,7 +121,8 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
     out: dict[str, Any] = {"model": model, "device": device, "batch": batch, "size": size, "threads": int(threads),
                            "steps": steps,
                            "warmup": warmup, "torch": torch.__version__, "sites": len(sites),
-                           "channels_last": bool(channels_last), "malloc_tune": tuned}
+                           "channels_last": bool(channels_last), "malloc_tune": tuned,
+                           "cpu_kernel": _cpu_kernel(device)}
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     cmed = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     out["base_ms"] = round(med["base"], 2)
@@ -134,10 +137,19 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
     return out
 
 
+def _cpu_kernel(device: str) -> str:
+    from regularizers import _perturb_native as native
+
+    if torch.device(device).type != "cpu":
+        return "n/a"
+    return "native" if native.library() is not None else f"pytorch ({native.why_unavailable()})"
+
+
 def format_result(r: dict[str, Any]) -> str:
     head = (f"metaperturb bench: {r['model']}, {r['device']}, batch {r['batch']}, {r['size']} px, {r['threads']} threads, "
             f"{r['sites']} sites, Adam step, median of {r['steps']} interleaved steps (torch {r['torch']}"
-            f"{', channels_last' if r['channels_last'] else ''}{', malloc tuned' if r['malloc_tune'] else ''})")
+            f"{', channels_last' if r['channels_last'] else ''}{', malloc tuned' if r['malloc_tune'] else ''}"
+            f"{', fast = ' + r['cpu_kernel'] + ' kernels' if r.get('cpu_kernel', 'n/a') != 'n/a' else ''})")
     lines = [head, f"  {'':<10} {'wall ms/step':>12} {'ratio':>6}   {'cpu ms/step':>11} {'ratio':>6}",
              f"  {'base':<10} {r['base_ms']:12.1f} {1:6.2f}   {r['base_cpu_ms']:11.1f} {1:6.2f}"]
     for k in r:

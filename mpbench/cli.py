@@ -197,8 +197,9 @@ def data_verify(name: str, root: str | None) -> None:
 @click.option("--threads", default=2, show_default=True)
 @click.option("--steps", default=20, show_default=True, help="measured steps per variant (interleaved)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--impl", multiple=True, type=click.Choice(["fast", "reference", "release"]),
-              help="metaperturb: implementation(s) to time (default: fast and reference)")
+@click.option("--impl", multiple=True, type=click.Choice(["fast", "pytorch", "reference", "release"]),
+              help="metaperturb: implementation(s) to time (default: fast and reference); fast uses the native "
+                   "CPU kernels where they build, pytorch is fast without them")
 @click.option("--channels-last", is_flag=True, help="metaperturb: run every variant in channels_last")
 def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str,
           impl: tuple[str, ...], channels_last: bool) -> None:

@@ -17,7 +17,8 @@ For a feature map ``h`` of shape (B, C, H, W) at site ``i``:
 
 Two implementations of the same function: :meth:`PerturbFunction._reference_forward` (direct, readable, straight
 from the spec, autograd does the rest) and the default fast one (``impl="fast"``) in
-:mod:`regularizers._perturb_fast` (how it is made fast is described there). Under autocast the reference runs.
+:mod:`regularizers._perturb_fast` and, on the CPU, :mod:`regularizers._perturb_native` (how each is made fast is
+described there). Under autocast the reference runs.
 """
 from __future__ import annotations
 

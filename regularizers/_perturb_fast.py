@@ -1,5 +1,9 @@
 """The fast execution of MetaPerturb's perturbation function (``PerturbFunction(impl="fast")``, the default).
 
+With phi frozen, stochastic, on float32 CPU tensors, the native kernels of :mod:`regularizers._perturb_native` run
+(where a C compiler builds them); everything else (GPUs, float64, trainable phi, deterministic mode, no compiler)
+runs the PyTorch execution below.
+
 It computes the same math as :meth:`regularizers._perturb.PerturbFunction._reference_forward` (the spec written
 out directly; ``tests/test_metaperturb.py`` compares the two, outputs and gradients), only faster, as measured
 with ``python -m mpbench.bench metaperturb``:
@@ -31,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from regularizers import _perturb_native as native
 
 if TYPE_CHECKING:
     from regularizers._perturb import PerturbFunction
@@ -349,11 +355,14 @@ def fast_forward(fn: "PerturbFunction", h: torch.Tensor, site: int, noise_coeff:
     """``fn(h, site, noise_coeff, eps)`` (arguments already checked), the fast way."""
     B, C, H, W = h.shape
     rm, rv = fn._stats_for(site, C, h)
+    grad = torch.is_grad_enabled()
+    frozen = not (grad and (fn.phi_trainable or (fn.deterministic and h.requires_grad)))
+    if frozen and not fn.deterministic and getattr(fn, "native", True) and native.applies(h):
+        return native.native_forward(fn, h, rm, rv, float(noise_coeff), eps)
     own_eps = eps is None and not fn.deterministic
     if own_eps:
         eps = standard_normal(h.shape, h, memory_format=CL)
-    grad = torch.is_grad_enabled()
-    if grad and (fn.phi_trainable or (fn.deterministic and h.requires_grad)):
+    if not frozen:
         return _autograd_forward(fn, h, rm, rv, float(noise_coeff), eps)
     need_grad = grad and h.requires_grad
     c = float(noise_coeff)

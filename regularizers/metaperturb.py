@@ -10,6 +10,7 @@ from torch import nn
 
 from mpbench.errors import IncompatibleError, UsageError
 from mpbench.regularization import EvalProtocol, Hparam, Regularizer, RunContext, register_regularizer
+from regularizers import _perturb_native as native
 from regularizers._perturb import PHI_SHAPES, PerturbFunction, check_phi, load_phi_file
 from regularizers._perturb_fast import standard_normal
 
@@ -197,4 +198,6 @@ class MetaPerturb(Regularizer):
         out = super().describe()
         out["resolved"] = dict(self.resolved)
         out["eval_deterministic"] = "expected multiplier (Gauss-Hermite)"
+        # which execution drew the noise on the CPU (the native kernels' generator is not torch.randn's stream)
+        out["cpu_kernel"] = "native" if native.library() is not None else f"pytorch ({native.why_unavailable()})"
         return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import mpbench.models  # noqa: F401  (registers resnet20 & co. into timm)
 from mpbench.errors import UsageError
 from mpbench.regularization import REGULARIZERS, RunContext
+from regularizers import _perturb_native as native
 from regularizers._perturb import PHI_NUMEL, PHI_SHAPES, load_phi_file
 from regularizers._perturb_fast import _softplus_sigmoid, expected_softplus, standard_normal
 from regularizers.metaperturb import MetaPerturb, PerturbFunction, PerturbSite
@@ -27,6 +28,17 @@ needs_official = pytest.mark.skipif(not OFFICIAL.is_file(), reason="released phi
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def cpu_backend(request, monkeypatch):
+    """Run a test on both CPU executions of the fast path: the native kernels (which must build here) and the
+    PyTorch one (GPUs, other dtypes, no compiler)."""
+    if request.param == "native":
+        assert native.library() is not None, native.why_unavailable()
+    else:
+        monkeypatch.setattr(native, "applies", lambda h: False)
+    return request.param
 
 
 def official(**kw) -> PerturbFunction:
@@ -231,7 +243,7 @@ SHAPES = [(4, 3, 6, 6), (5, 8, 4, 4), (3, 2, 7, 5)]
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("coeff", [1.0, 0.35])
-def test_fast_equals_reference_frozen_phi(mode, coeff):
+def test_fast_equals_reference_frozen_phi(mode, coeff, cpu_backend):
     ref, fast = pair(num_sites=3)
     for fn in (ref, fast):
         fn.train(mode == "train")
@@ -254,7 +266,7 @@ def test_fast_equals_reference_frozen_phi(mode, coeff):
         torch.testing.assert_close(fast.state_dict()[k], v, atol=1e-6, rtol=1e-5)
 
 
-def test_fast_equals_reference_when_clipping_and_in_channels_last():
+def test_fast_equals_reference_when_clipping_and_in_channels_last(cpu_backend):
     ref, fast = pair(num_sites=1, clip=3.0)
     h = torch.randn(4, 6, 5, 5) * 4
     eps = torch.randn(4, 6, 5, 5) + 1.0
@@ -303,7 +315,7 @@ def test_fast_path_gradcheck(trainable):
     assert torch.autograd.gradcheck(lambda x: fast(x, noise_coeff=0.7, eps=eps), (h,), eps=1e-6, atol=1e-5)
 
 
-def test_noise_is_sampled_and_standard_normal():
+def test_noise_is_sampled_and_standard_normal(cpu_backend):
     ref, fast = pair(num_sites=1)
     h = torch.randn(4, 3, 6, 6)
     torch.manual_seed(1)
@@ -425,7 +437,7 @@ def test_plugin_attaches_to_resnet20(tmp_path, phi_file):
             torch.testing.assert_close(model(x), model(x))
         assert not fn.deterministic
     desc = reg.describe()
-    assert desc["eval"] == "mc5/mc100" and len(desc["sites"]) == 9
+    assert desc["eval"] == "mc5/mc100" and len(desc["sites"]) == 9 and desc["cpu_kernel"] == "native"
     # resume
     other = MetaPerturb(ctx_for(tmp_path), phi=str(phi_file))
     other.attach(timm.create_model("resnet20", num_classes=10))

@@ -1,0 +1,434 @@
+/* MetaPerturb's perturbation function with phi frozen, as fused CPU kernels (float32, NCHW contiguous).
+ *
+ * The math is regularizers/_perturb.py's (PerturbFunction._reference_forward); regularizers/_perturb_native.py
+ * builds this file with the system C compiler, loads it with ctypes and wires it into autograd. Every kernel works
+ * on one sample b at a time (OpenMP over the batch), its planes held in small padded buffers that stay in cache,
+ * and recomputes rather than stores: backward needs only h, the seed (or the given eps) and s, so nothing of the
+ * size of h is kept between forward and backward.
+ *
+ * Planes. A padded plane holds an H x W map at rows 1..H, columns 1..W of an (H + 2) x Wp grid (Wp = W + 2) with
+ * zero borders, plus 2 floats of slack. conv3 computes a 3x3 cross-correlation (F.conv2d, padding 1) for all
+ * n >= H * Wp "flat" positions i = y * Wp + x at once (one long vectorised loop whatever W is); positions x >= W
+ * and i >= H * Wp are garbage. A flat result goes back into a padded plane at P[i + Wp + 1] with the garbage replaced by 0, which is
+ * exactly the right border of row y + 1 and the left border of row y + 2 (store_padded).
+ *
+ * Noise: eps[b, c, y, x] is N(0, 1) by the Box-Muller transform of two 24-bit uniforms (as torch's CPU sampler)
+ * taken from SplitMix64 of a counter (the plane's index and the position): counter-based, so the draw depends on
+ * the seed only, not on the number of threads or the schedule.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- branch-free float32 exp, log and sin/cos (Cephes' polynomials, relative error ~1e-7) -------------------------
+ * Written out rather than called from libm so that every loop that uses them vectorises, on any compiler and libc,
+ * and no input takes a slow path. */
+
+typedef union { float f; int32_t i; } bits_t;
+
+static inline float max_f(float a, float b) { return a > b ? a : b; } /* fmaxf is a libm call unless -ffast-math */
+
+static inline float exp_f(float x) { /* x <= 0 here; exp(-87.3) is the smallest normal result */
+    x = max_f(x, -87.3f);
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23) */
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    const float z = x * x;
+    const float p = (((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) *
+                         x + 1.6666665459e-1f) * x + 5.0000001201e-1f) * z + x + 1.0f;
+    bits_t b;
+    b.i = ((int32_t)n + 127) << 23;
+    return p * b.f;
+}
+
+static inline float log_f(float x) { /* x a positive normal float */
+    bits_t b = {x};
+    int32_t e = ((b.i >> 23) & 0xff) - 126;
+    b.i = (b.i & 0x807fffff) | 0x3f000000; /* mantissa in [0.5, 1) */
+    float m = b.f;
+    const int lo = m < 0.707106781186547524f;
+    e -= lo;
+    m = lo ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                   1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+               3.3333331174e-1f) * m * z;
+    const float fe = (float)e;
+    y += -2.12194440e-4f * fe - 0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
+
+/* (sin, cos) of 2 pi u for u in [0, 1): quadrant q = round(4 u), r = 2 pi (u - q / 4) in [-pi/4, pi/4] */
+static inline void sincos_turns(float u, float *sn, float *cs) {
+    const float qf = (float)(int)(4.0f * u + 0.5f);
+    const int q = (int)qf & 3;
+    const float r = (u - 0.25f * qf) * 6.28318530717958647692f;
+    const float z = r * r;
+    const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+    const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                     0.5f * z + 1.0f;
+    const float s_abs = (q & 1) ? cr : sr, c_abs = (q & 1) ? sr : cr;
+    *sn = (q & 2) ? -s_abs : s_abs;
+    *cs = ((q + 1) & 2) ? -c_abs : c_abs;
+}
+
+/* phi as passed in: kernel[4][9], phi_1.w_identity[9], phi_1.w_all[9], phi_2.w_identity[9], phi_2.w_all[9] */
+#define PHI_K 0
+#define PHI_W1 36
+#define PHI_A1 45
+#define PHI_W2 54
+#define PHI_A2 63
+#define NK 4
+
+typedef struct {
+    int H, W, Wp, n, pn; /* n = H * Wp flat positions rounded up to a whole number of vectors; pn = padded plane */
+} geo_t;
+
+#define VEC 16 /* floats per vector (AVX-512); loops of whole vectors leave no slow scalar remainder */
+
+static geo_t geo(int H, int W) {
+    const int n = (H * (W + 2) + VEC - 1) / VEC * VEC;
+    geo_t g = {H, W, W + 2, n, n + 2 * (W + 2) + 2}; /* conv3 reads up to P[n - 1 + 2 Wp + 2] */
+    return g;
+}
+
+static void rot180(const float *k, float *out) {
+    for (int j = 0; j < 9; j++) out[j] = k[8 - j];
+}
+
+static float *zalloc(size_t count) { return (float *)calloc(count ? count : 1, sizeof(float)); }
+
+/* 1 where flat position i is a real pixel (x < W), else 0 */
+static unsigned char *valid_mask(geo_t g) {
+    unsigned char *v = (unsigned char *)malloc((size_t)g.n);
+    for (int i = 0; i < g.n; i++) v[i] = i < g.H * g.Wp && (i % g.Wp) < g.W;
+    return v;
+}
+
+static inline void conv3(const float *restrict P, geo_t g, const float *restrict k, float *restrict O) {
+    const float k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
+    const float *restrict p0 = P, *restrict p1 = P + g.Wp, *restrict p2 = P + 2 * g.Wp;
+#pragma omp simd
+    for (int i = 0; i < g.n; i++)
+        O[i] = k0 * p0[i] + k1 * p0[i + 1] + k2 * p0[i + 2] + k3 * p1[i] + k4 * p1[i + 1] + k5 * p1[i + 2] +
+               k6 * p2[i] + k7 * p2[i + 1] + k8 * p2[i + 2];
+}
+
+/* P (padded) <- the H x W plane src */
+static inline void load_padded(const float *restrict src, geo_t g, float *restrict P) {
+    for (int y = 0; y < g.H; y++) memcpy(P + (y + 1) * g.Wp + 1, src + (size_t)y * g.W, sizeof(float) * g.W);
+}
+
+/* F (flat) <- the H x W plane src (garbage columns untouched) */
+static inline void load_flat(const float *restrict src, geo_t g, float *restrict F) {
+    for (int y = 0; y < g.H; y++) memcpy(F + y * g.Wp, src + (size_t)y * g.W, sizeof(float) * g.W);
+}
+
+/* the H x W plane dst <- F (flat), or += when add */
+static inline void store_plane(const float *restrict F, geo_t g, float *restrict dst, int add) {
+    for (int y = 0; y < g.H; y++) {
+        float *restrict d = dst + (size_t)y * g.W;
+        const float *restrict f = F + y * g.Wp;
+        if (add) {
+#pragma omp simd
+            for (int x = 0; x < g.W; x++) d[x] += f[x];
+        } else {
+            memcpy(d, f, sizeof(float) * g.W);
+        }
+    }
+}
+
+/* the channel mean of the C planes of h (one sample) into the padded plane M */
+static void channel_mean(const float *restrict h, int C, geo_t g, float *restrict M) {
+    const float inv = 1.0f / (float)C;
+    memset(M, 0, sizeof(float) * g.pn);
+    for (int c = 0; c < C; c++) {
+        const float *restrict hc = h + (size_t)c * g.H * g.W;
+        for (int y = 0; y < g.H; y++) {
+            float *restrict m = M + (y + 1) * g.Wp + 1;
+            const float *restrict s = hc + y * g.W;
+#pragma omp simd
+            for (int x = 0; x < g.W; x++) m[x] += inv * s[x];
+        }
+    }
+}
+
+/* ---- noise ---------------------------------------------------------------------------------------------------- */
+
+/* out[0 .. 2 * pairs) <- N(0, 1) from counters first .. first + pairs (two normals per counter) */
+static void normal_fill(float *restrict out, int pairs, uint64_t seed, uint64_t first) {
+#pragma omp simd
+    for (int j = 0; j < pairs; j++) {
+        uint64_t z = seed + (first + (uint64_t)j + 1u) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u1 = (float)((int32_t)(z >> 40) + 1) * 0x1p-24f;            /* (0, 1] */
+        const float u2 = (float)(int32_t)((z >> 16) & 0xFFFFFFu) * 0x1p-24f;    /* [0, 1) */
+        const float r = sqrtf(-2.0f * log_f(u1));
+        float sn, cs;
+        sincos_turns(u2, &sn, &cs);
+        out[j] = r * cs;
+        out[j + pairs] = r * sn;
+    }
+}
+
+/* the flat eps of plane (b, c) into E: the given eps, or drawn (N holds 2 * pairs floats) */
+static inline void load_eps(const float *eps, uint64_t seed, size_t plane, geo_t g, float *restrict N,
+                            float *restrict E) {
+    if (eps) {
+        load_flat(eps + plane * g.H * g.W, g, E);
+    } else {
+        const int pairs = (g.H * g.W + 1) / 2;
+        normal_fill(N, pairs, seed, (uint64_t)plane * (uint64_t)pairs);
+        load_flat(N, g, E);
+    }
+}
+
+/* ---- shared per-sample work ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    float *Hp, *M, *A, *O, *E, *N, *T; /* padded h plane, padded mean, flat A/O/E/T, normals */
+    float *R, *U;                      /* C padded planes each: r = relu(E1(h)) and the backward's u / du */
+} scratch_t;
+
+static scratch_t scratch_new(int C, geo_t g, int backward) {
+    scratch_t s;
+    s.Hp = zalloc(g.pn);
+    s.M = zalloc(g.pn);
+    s.A = zalloc(g.n);
+    s.O = zalloc(g.n);
+    s.E = zalloc(g.n);
+    s.T = zalloc(g.n);
+    s.N = zalloc((size_t)g.H * g.W + 2);
+    s.R = zalloc((size_t)C * g.pn);
+    s.U = backward ? zalloc((size_t)C * g.pn) : NULL;
+    return s;
+}
+
+static void scratch_free(scratch_t *s) {
+    free(s->Hp); free(s->M); free(s->A); free(s->O); free(s->E); free(s->T); free(s->N); free(s->R); free(s->U);
+}
+
+/* r = relu(E1(h)) into the padded planes R, and A <- the channel-mean term of E2 (flat), for one sample */
+static void noise_trunk(const float *restrict h, int C, geo_t g, const float *phi, const unsigned char *valid,
+                        scratch_t *s) {
+    const float inv = 1.0f / (float)C;
+    channel_mean(h, C, g, s->M);
+    conv3(s->M, g, phi + PHI_A1, s->A);                     /* A1 */
+    memset(s->M, 0, sizeof(float) * g.pn);                  /* M <- mean_c r */
+    for (int c = 0; c < C; c++) {
+        load_padded(h + (size_t)c * g.H * g.W, g, s->Hp);
+        conv3(s->Hp, g, phi + PHI_W1, s->O);
+        float *restrict Rc = s->R + (size_t)c * g.pn + g.Wp + 1;
+        float *restrict m = s->M + g.Wp + 1;
+        const float *restrict O = s->O, *restrict A = s->A;
+#pragma omp simd
+        for (int i = 0; i < g.n; i++) {
+            float r = O[i] + A[i];
+            r = (valid[i] && r > 0.0f) ? r : 0.0f;
+            Rc[i] = r;
+            m[i] += inv * r;
+        }
+    }
+    conv3(s->M, g, phi + PHI_A2, s->A);                     /* A2 */
+}
+
+/* softplus(t) = max(t, 0) + log(1 + e), e = exp(-|t|) */
+static inline float softplus_e(float t, float e) { return max_f(t, 0.0f) + log_f(1.0f + e); }
+
+/* ---- kernels ---------------------------------------------------------------------------------------------------- */
+
+/* g[b, c, k] = mean over the plane of relu(conv3x3(h[b, c]; kernel[k])) */
+void mp_stats(const float *h, int B, int C, int H, int W, const float *phi, float *g_out, int threads) {
+    const geo_t g = geo(H, W);
+    unsigned char *valid = valid_mask(g);
+    const float inv = 1.0f / (float)(H * W);
+#pragma omp parallel num_threads(threads)
+    {
+        float *Hp = zalloc(g.pn), *O = zalloc(g.n);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            for (int c = 0; c < C; c++) {
+                const size_t plane = (size_t)b * C + c;
+                load_padded(h + plane * H * W, g, Hp);
+                for (int k = 0; k < NK; k++) {
+                    conv3(Hp, g, phi + PHI_K + 9 * k, O);
+                    const float *restrict Ok = O;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int i = 0; i < g.n; i++) acc += (valid[i] && Ok[i] > 0.0f) ? Ok[i] : 0.0f;
+                    g_out[plane * NK + k] = acc * inv;
+                }
+            }
+        }
+        free(Hp); free(O);
+    }
+    free(valid);
+}
+
+/* out = min(h * ((s[c] * softplus(E2(relu(E1(h))) + eps) - 1) * nc + 1), clip)  (no clip when has_clip == 0) */
+void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, const float *s_c, float nc,
+                int has_clip, float clip, uint64_t seed, const float *eps, float *out, int threads) {
+    const geo_t g = geo(H, W);
+    unsigned char *valid = valid_mask(g);
+#pragma omp parallel num_threads(threads)
+    {
+        scratch_t s = scratch_new(C, g, 0);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            const float *hb = h + (size_t)b * C * H * W;
+            noise_trunk(hb, C, g, phi, valid, &s);
+            for (int c = 0; c < C; c++) {
+                const size_t plane = (size_t)b * C + c;
+                conv3(s.R + (size_t)c * g.pn, g, phi + PHI_W2, s.O);
+                load_eps(eps, seed, plane, g, s.N, s.E);
+                load_flat(hb + (size_t)c * H * W, g, s.T);
+                const float sc = s_c[c];
+                const float *restrict O = s.O, *restrict A = s.A, *restrict E = s.E;
+                float *restrict T = s.T;
+#pragma omp simd
+                for (int i = 0; i < g.n; i++) {
+                    const float t = O[i] + A[i] + E[i];
+                    const float z = softplus_e(t, exp_f(-fabsf(t)));
+                    float o = T[i] * ((sc * z - 1.0f) * nc + 1.0f);
+                    if (has_clip) o = o > clip ? clip : o;
+                    T[i] = o;
+                }
+                store_plane(s.T, g, out + plane * H * W, 0);
+            }
+        }
+        scratch_free(&s);
+    }
+    free(valid);
+}
+
+/* dh (written) = the gradient with respect to h of sum(grad * out) through everything but the batch statistics of
+ * the scale function; ds[b, c] = sum over the plane of grad * h * softplus(t) (masked where clipped), from which
+ * the caller gets dL/ds = nc * sum_b ds and the scale branch (mp_scale_backward). */
+void mp_backward(const float *grad, const float *h, int B, int C, int H, int W, const float *phi, const float *s_c,
+                 float nc, int has_clip, float clip, uint64_t seed, const float *eps, float *dh, float *ds,
+                 int threads) {
+    const geo_t g = geo(H, W);
+    unsigned char *valid = valid_mask(g);
+    float a1t[9], w1t[9], a2t[9], w2t[9];
+    rot180(phi + PHI_A1, a1t); rot180(phi + PHI_W1, w1t); rot180(phi + PHI_A2, a2t); rot180(phi + PHI_W2, w2t);
+    const float inv = 1.0f / (float)C;
+#pragma omp parallel num_threads(threads)
+    {
+        scratch_t s = scratch_new(C, g, 1);
+        float *G = zalloc(g.n);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            const float *hb = h + (size_t)b * C * H * W;
+            noise_trunk(hb, C, g, phi, valid, &s);
+            /* the noise branch's output: direct term into dh, u = dL/dt into U, its channel mean into M */
+            memset(s.M, 0, sizeof(float) * g.pn);
+            for (int c = 0; c < C; c++) {
+                const size_t plane = (size_t)b * C + c;
+                conv3(s.R + (size_t)c * g.pn, g, phi + PHI_W2, s.O);
+                load_eps(eps, seed, plane, g, s.N, s.E);
+                load_flat(hb + (size_t)c * H * W, g, s.T);
+                load_flat(grad + plane * H * W, g, G);
+                const float sc = s_c[c], ucoef = nc * sc;
+                const float *restrict O = s.O, *restrict A = s.A, *restrict E = s.E, *restrict T = s.T;
+                float *restrict Gd = G;
+                float *restrict Uc = s.U + (size_t)c * g.pn + g.Wp + 1;
+                float *restrict m = s.M + g.Wp + 1;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int i = 0; i < g.n; i++) {
+                    const float t = O[i] + A[i] + E[i];
+                    const float e = exp_f(-fabsf(t));
+                    const float z = softplus_e(t, e);
+                    const float inv1e = 1.0f / (1.0f + e);
+                    const float sig = t > 0.0f ? inv1e : e * inv1e;
+                    const float mult = (sc * z - 1.0f) * nc + 1.0f;
+                    const float hv = T[i];
+                    const int live = valid[i] && !(has_clip && hv * mult > clip);
+                    const float gg = live ? Gd[i] : 0.0f;
+                    const float u = gg * hv * ucoef * sig;
+                    acc += gg * hv * z;
+                    Gd[i] = gg * mult;
+                    Uc[i] = u;
+                    m[i] += inv * u;
+                }
+                ds[plane] = acc;
+                store_plane(G, g, dh + plane * H * W, 0);
+            }
+            /* E2^T, then relu(E1)'s mask: du into U, its channel mean into M */
+            conv3(s.M, g, a2t, s.A);
+            memset(s.M, 0, sizeof(float) * g.pn);
+            for (int c = 0; c < C; c++) {
+                float *Ucp = s.U + (size_t)c * g.pn;
+                conv3(Ucp, g, w2t, s.O);
+                const float *restrict O = s.O, *restrict A = s.A;
+                const float *restrict Rc = s.R + (size_t)c * g.pn + g.Wp + 1;
+                float *restrict Uc = Ucp + g.Wp + 1;
+                float *restrict m = s.M + g.Wp + 1;
+#pragma omp simd
+                for (int i = 0; i < g.n; i++) {
+                    const float du = Rc[i] > 0.0f ? O[i] + A[i] : 0.0f;   /* R is 0 at garbage positions */
+                    Uc[i] = du;
+                    m[i] += inv * du;
+                }
+            }
+            /* E1^T, added to dh */
+            conv3(s.M, g, a1t, s.A);
+            for (int c = 0; c < C; c++) {
+                conv3(s.U + (size_t)c * g.pn, g, w1t, s.O);
+                const float *restrict A = s.A;
+                float *restrict O = s.O;
+#pragma omp simd
+                for (int i = 0; i < g.n; i++) O[i] += A[i];
+                store_plane(s.O, g, dh + ((size_t)b * C + c) * H * W, 1);
+            }
+        }
+        free(G);
+        scratch_free(&s);
+    }
+    free(valid);
+}
+
+/* dh[b, c] += sum_k w[b, c, k] * conv3x3^T(1[conv3x3(h[b, c]; kernel[k]) > 0]; kernel[k]): the gradient through the
+ * batch statistics g of the scale function, w = dL/dg / (H W) */
+void mp_scale_backward(const float *h, int B, int C, int H, int W, const float *phi, const float *w, float *dh,
+                       int threads) {
+    const geo_t g = geo(H, W);
+    unsigned char *valid = valid_mask(g);
+    float kt[NK][9];
+    for (int k = 0; k < NK; k++) rot180(phi + PHI_K + 9 * k, kt[k]);
+#pragma omp parallel num_threads(threads)
+    {
+        float *Hp = zalloc(g.pn), *O = zalloc(g.n), *Acc = zalloc(g.n);
+        float *Mk[NK];
+        for (int k = 0; k < NK; k++) Mk[k] = zalloc(g.pn);
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            for (int c = 0; c < C; c++) {
+                const size_t plane = (size_t)b * C + c;
+                load_padded(h + plane * H * W, g, Hp);
+                for (int k = 0; k < NK; k++) {
+                    conv3(Hp, g, phi + PHI_K + 9 * k, O);
+                    const float wk = w[plane * NK + k];
+                    float *restrict M = Mk[k] + g.Wp + 1;
+                    const float *restrict Ok = O;
+#pragma omp simd
+                    for (int i = 0; i < g.n; i++) M[i] = (valid[i] && Ok[i] > 0.0f) ? wk : 0.0f;
+                }
+                conv3(Mk[0], g, kt[0], Acc);
+                for (int k = 1; k < NK; k++) {
+                    conv3(Mk[k], g, kt[k], O);
+                    float *restrict a = Acc;
+                    const float *restrict Ok = O;
+#pragma omp simd
+                    for (int i = 0; i < g.n; i++) a[i] += Ok[i];
+                }
+                store_plane(Acc, g, dh + plane * H * W, 1);
+            }
+        }
+        for (int k = 0; k < NK; k++) free(Mk[k]);
+        free(Hp); free(O); free(Acc);
+    }
+    free(valid);
+}
