@@ -17,22 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def tune_malloc(threshold: int = 1 << 30) -> bool:
-    """Keep freed memory in the process (glibc ``mallopt``: no mmap/trim of large blocks), so that the large
-    temporaries of every step do not page-fault afresh. Speeds up CPU training in general (both variants of a
-    benchmark); returns False where it does not apply (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold))) and bool(
-            libc.mallopt(m_trim_threshold, 2 * int(threshold)))
-    except (OSError, AttributeError):
-        return False
-
-
 def _attach_metaperturb(model: nn.Module, impl: str, size: int) -> list[str]:
     from mpbench.sites import insert, list_sites
     from regularizers.metaperturb import PerturbFunction, PerturbSite, default_channel_norm
@@ -66,15 +50,16 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
 
 def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32, threads: int = 2,
                       steps: int = 20, warmup: int = 3, impls: tuple[str, ...] = ("fast", "reference"),
-                      num_classes: int = 100, seed: int = 0, channels_last: bool = False, malloc_tune: bool = False,
+                      num_classes: int = 100, seed: int = 0, channels_last: bool = False, malloc_tune: bool = True,
                       verbose: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Median ms per training step of ``model`` without ("base") and with MetaPerturb (one entry per ``impls``:
     "fast" = mpbench's default implementation (native CPU kernels where they build), "pytorch" = the same without
     the native kernels (what runs on GPUs), "reference" = the direct one, "release" = the direct one with phi still
     requiring gradients as in the authors' code), measured interleaved.
 
-    ``channels_last`` runs every variant (network and input) in that memory format; ``malloc_tune`` calls
-    :func:`tune_malloc` first (a process-wide setting: it cannot be undone).
+    ``channels_last`` runs every variant (network and input) in that memory format; ``malloc_tune`` (default, as
+    every training run of mpbench) calls :func:`mpbench.malloc.tune_for_training` first (a process-wide setting:
+    it cannot be undone, so ``malloc_tune=False`` measures glibc's defaults only in a fresh process).
 
     Returns ``{model, batch, size, threads, steps, warmup, torch, sites, channels_last, malloc_tune, base_ms,
     base_cpu_ms, <impl>_ms, <impl>_ratio, <impl>_cpu_ms, <impl>_cpu_ratio}`` (wall-clock and process-CPU medians).
@@ -83,7 +68,9 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
 
     import mpbench.models  # noqa: F401  (registers the CIFAR nets into timm)
 
-    tuned = tune_malloc() if malloc_tune else False
+    from mpbench.malloc import tune_for_training
+
+    tuned = tune_for_training() if malloc_tune else False
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(int(threads))

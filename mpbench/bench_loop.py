@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import mpbench.models  # noqa: F401
 from mpbench.data import ImageData
+from mpbench.malloc import tune_for_training
 from mpbench.regularization import REGULARIZERS, RunContext, build_stack, resolve_hparams
 from mpbench.train import Setup, Stepper, lr_factor
 
@@ -121,6 +122,7 @@ def bench_loop(model: str = "resnet20", batch: int = 128, size: int = 32, thread
                device: str = "cpu", warmup: int = 3) -> dict[str, Any]:
     """mpbench's run loop vs a bare loop (goal: <= 1.03x), alternating step by step. Augmentation off in both."""
     torch.set_num_threads(threads)
+    tune_for_training()                      # as every training run does (mpbench.malloc)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         setup, spec = _setup(["base"], model, batch, size, steps, dev, Path(tmp))
@@ -138,6 +140,7 @@ def bench_regularizers(model: str = "resnet20", batch: int = 128, size: int = 32
                        methods: list[str] | None = None) -> dict[str, Any]:
     """Step time of each method relative to ``base`` on the same network, alternating method by method each step."""
     torch.set_num_threads(threads)
+    tune_for_training()                      # as every training run does (mpbench.malloc)
     dev = torch.device(device)
     methods = methods or [n for n in REGULARIZERS.names() if not n.startswith("test_")]
     skipped = {}

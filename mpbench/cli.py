@@ -201,8 +201,10 @@ def data_verify(name: str, root: str | None) -> None:
               help="metaperturb: implementation(s) to time (default: fast and reference); fast uses the native "
                    "CPU kernels where they build, pytorch is fast without them")
 @click.option("--channels-last", is_flag=True, help="metaperturb: run every variant in channels_last")
+@click.option("--malloc-tune/--no-malloc-tune", default=True, show_default=True,
+              help="keep freed memory in the process as training runs do (mpbench.malloc; MPBENCH_MALLOC_TUNE=0)")
 def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str,
-          impl: tuple[str, ...], channels_last: bool) -> None:
+          impl: tuple[str, ...], channels_last: bool, malloc_tune: bool) -> None:
     """Step-time benchmarks, measured interleaved in one process (no timing asserts live in tests).
 
     \b
@@ -210,11 +212,13 @@ def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int
     loop          mpbench's run loop vs a bare PyTorch loop (same model, batch, optimizer)
     regularizers  every registered method's ms/step relative to base
     """
+    if not malloc_tune:
+        os.environ["MPBENCH_MALLOC_TUNE"] = "0"
     if what == "metaperturb":
         from mpbench.bench import bench_metaperturb
 
         bench_metaperturb(model, batch, size, threads, steps, impls=impl or ("fast", "reference"),
-                          channels_last=channels_last, device=device)
+                          channels_last=channels_last, device=device, malloc_tune=malloc_tune)
         return
     from mpbench import bench_loop
 

@@ -19,6 +19,7 @@ import torch
 from mpbench.claim import Claim, slurm_job_id
 from mpbench.errors import MpbenchError, RunFailed
 from mpbench.plan import artifact_path
+from mpbench.malloc import tune_for_training
 from mpbench.provenance import device_name, git_info, versions
 from mpbench.stages import STAGES, save_tensors
 from mpbench.store import SCHEMA_VERSION, RunDir
@@ -118,6 +119,7 @@ def execute(results: Path, kind: str, run_id: str, ex: Execution, force: bool = 
 def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: Execution) -> str:
     if ex.threads:
         torch.set_num_threads(ex.threads)
+    tune_for_training()
     st = rd.status()
     attempts = int(st.get("attempts", 0)) + 1
     rd.update_status(state="running", attempts=attempts, host=os.uname().nodename, pid=os.getpid(),
@@ -181,6 +183,7 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: 
         "schema": SCHEMA_VERSION, "id": rd.id, "slug": cfg["slug"], "kind": cfg["kind"], "spec": spec,
         "final": out.get("final", {}), "selection": "final", "eval_protocol": out.get("eval_protocol", "deterministic"),
         "seed": spec.get("seed"), "git": git_info(), "versions": versions(), "device": device_name(ex.device),
+        "malloc_tuned": tune_for_training(),
         "wall_time_s": time.time() - started, "train_time_s": out.get("train_time_s"),
         "images_per_s": out.get("images_per_s"), "steps": spec.get("train", {}).get("steps", spec.get("steps")),
         "regularizers": out.get("regularizers", {}), "artifacts": spec.get("artifacts", {}),

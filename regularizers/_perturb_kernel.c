@@ -3,8 +3,8 @@
  * The math is regularizers/_perturb.py's (PerturbFunction._reference_forward); regularizers/_perturb_native.py
  * builds this file with the system C compiler, loads it with ctypes and wires it into autograd. Every kernel works
  * on one sample b at a time (OpenMP over the batch), its planes held in small padded buffers that stay in cache,
- * and recomputes rather than stores: backward needs only h, the seed (or the given eps) and s, so nothing of the
- * size of h is kept between forward and backward.
+ * For backward the forward keeps t = alpha + eps (one float per element) and one byte per element of indicator bits
+ * (the scale kernels' and relu(E1)'s), so backward runs neither the noise trunk nor the generator again.
  *
  * Planes. A padded plane holds an H x W map at rows 1..H, columns 1..W of an (H + 2) x Wp grid (Wp = W + 2) with
  * zero borders, plus 2 floats of slack. conv3 computes a 3x3 cross-correlation (F.conv2d, padding 1) for all
@@ -114,6 +114,51 @@ static inline void conv3(const float *restrict P, geo_t g, const float *restrict
                k6 * p2[i] + k7 * p2[i + 1] + k8 * p2[i + 2];
 }
 
+/* O[k] = conv3(P; k36 + 9 k) for the 4 scale kernels in one pass over P (each input load serves 4 outputs) */
+static inline void conv3x4(const float *restrict P, geo_t g, const float *restrict k, float *restrict O) {
+    float w[36];
+    for (int j = 0; j < 36; j++) w[j] = k[j];
+    const float *restrict p0 = P, *restrict p1 = P + g.Wp, *restrict p2 = P + 2 * g.Wp;
+    float *restrict O0 = O, *restrict O1 = O + g.n, *restrict O2 = O + 2 * g.n, *restrict O3 = O + 3 * g.n;
+#pragma omp simd
+    for (int i = 0; i < g.n; i++) {
+        const float a0 = p0[i], a1 = p0[i + 1], a2 = p0[i + 2], a3 = p1[i], a4 = p1[i + 1], a5 = p1[i + 2], a6 = p2[i],
+                    a7 = p2[i + 1], a8 = p2[i + 2];
+        O0[i] = w[0] * a0 + w[1] * a1 + w[2] * a2 + w[3] * a3 + w[4] * a4 + w[5] * a5 + w[6] * a6 + w[7] * a7 +
+                w[8] * a8;
+        O1[i] = w[9] * a0 + w[10] * a1 + w[11] * a2 + w[12] * a3 + w[13] * a4 + w[14] * a5 + w[15] * a6 +
+                w[16] * a7 + w[17] * a8;
+        O2[i] = w[18] * a0 + w[19] * a1 + w[20] * a2 + w[21] * a3 + w[22] * a4 + w[23] * a5 + w[24] * a6 +
+                w[25] * a7 + w[26] * a8;
+        O3[i] = w[27] * a0 + w[28] * a1 + w[29] * a2 + w[30] * a3 + w[31] * a4 + w[32] * a5 + w[33] * a6 +
+                w[34] * a7 + w[35] * a8;
+    }
+}
+
+/* O = sum_k conv3(M[k]; kt + 9 k) over 4 padded planes M[k] (of pn floats each), in one pass */
+static inline void conv3sum4(const float *restrict M, geo_t g, const float *restrict kt, float *restrict O) {
+    float w[36];
+    for (int j = 0; j < 36; j++) w[j] = kt[j];
+    const int Wp = g.Wp;
+    const float *restrict q0 = M, *restrict q1 = M + g.pn, *restrict q2 = M + 2 * g.pn, *restrict q3 = M + 3 * g.pn;
+#pragma omp simd
+    for (int i = 0; i < g.n; i++) {
+        float acc = 0.0f;
+        acc += w[0] * q0[i] + w[1] * q0[i + 1] + w[2] * q0[i + 2] + w[3] * q0[i + Wp] + w[4] * q0[i + Wp + 1] +
+               w[5] * q0[i + Wp + 2] + w[6] * q0[i + 2 * Wp] + w[7] * q0[i + 2 * Wp + 1] + w[8] * q0[i + 2 * Wp + 2];
+        acc += w[9] * q1[i] + w[10] * q1[i + 1] + w[11] * q1[i + 2] + w[12] * q1[i + Wp] + w[13] * q1[i + Wp + 1] +
+               w[14] * q1[i + Wp + 2] + w[15] * q1[i + 2 * Wp] + w[16] * q1[i + 2 * Wp + 1] +
+               w[17] * q1[i + 2 * Wp + 2];
+        acc += w[18] * q2[i] + w[19] * q2[i + 1] + w[20] * q2[i + 2] + w[21] * q2[i + Wp] + w[22] * q2[i + Wp + 1] +
+               w[23] * q2[i + Wp + 2] + w[24] * q2[i + 2 * Wp] + w[25] * q2[i + 2 * Wp + 1] +
+               w[26] * q2[i + 2 * Wp + 2];
+        acc += w[27] * q3[i] + w[28] * q3[i + 1] + w[29] * q3[i + 2] + w[30] * q3[i + Wp] + w[31] * q3[i + Wp + 1] +
+               w[32] * q3[i + Wp + 2] + w[33] * q3[i + 2 * Wp] + w[34] * q3[i + 2 * Wp + 1] +
+               w[35] * q3[i + 2 * Wp + 2];
+        O[i] = acc;
+    }
+}
+
 /* P (padded) <- the H x W plane src */
 static inline void load_padded(const float *restrict src, geo_t g, float *restrict P) {
     for (int y = 0; y < g.H; y++) memcpy(P + (y + 1) * g.Wp + 1, src + (size_t)y * g.W, sizeof(float) * g.W);
@@ -189,10 +234,10 @@ static inline void load_eps(const float *eps, uint64_t seed, size_t plane, geo_t
 
 typedef struct {
     float *Hp, *M, *A, *O, *E, *N, *T; /* padded h plane, padded mean, flat A/O/E/T, normals */
-    float *R, *U;                      /* C padded planes each: r = relu(E1(h)) and the backward's u / du */
+    float *R;                          /* C padded planes: r = relu(E1(h)) */
 } scratch_t;
 
-static scratch_t scratch_new(int C, geo_t g, int backward) {
+static scratch_t scratch_new(int C, geo_t g) {
     scratch_t s;
     s.Hp = zalloc(g.pn);
     s.M = zalloc(g.pn);
@@ -202,12 +247,11 @@ static scratch_t scratch_new(int C, geo_t g, int backward) {
     s.T = zalloc(g.n);
     s.N = zalloc((size_t)g.H * g.W + 2);
     s.R = zalloc((size_t)C * g.pn);
-    s.U = backward ? zalloc((size_t)C * g.pn) : NULL;
     return s;
 }
 
 static void scratch_free(scratch_t *s) {
-    free(s->Hp); free(s->M); free(s->A); free(s->O); free(s->E); free(s->T); free(s->N); free(s->R); free(s->U);
+    free(s->Hp); free(s->M); free(s->A); free(s->O); free(s->E); free(s->T); free(s->N); free(s->R);
 }
 
 /* r = relu(E1(h)) into the padded planes R, and A <- the channel-mean term of E2 (flat), for one sample */
@@ -239,26 +283,41 @@ static inline float softplus_e(float t, float e) { return max_f(t, 0.0f) + log_f
 
 /* ---- kernels ---------------------------------------------------------------------------------------------------- */
 
+/* bytes per plane of the masks mp_stats writes (flat layout) */
+int mp_mask_size(int H, int W) { return geo(H, W).n; }
+
 /* g[b, c, k] = mean over the plane of relu(conv3x3(h[b, c]; kernel[k])) */
-void mp_stats(const float *h, int B, int C, int H, int W, const float *phi, float *g_out, int threads) {
+void mp_stats(const float *h, int B, int C, int H, int W, const float *phi, float *g_out, uint8_t *masks,
+              int threads) {
     const geo_t g = geo(H, W);
     unsigned char *valid = valid_mask(g);
     const float inv = 1.0f / (float)(H * W);
 #pragma omp parallel num_threads(threads)
     {
-        float *Hp = zalloc(g.pn), *O = zalloc(g.n);
+        float *Hp = zalloc(g.pn), *O = zalloc((size_t)NK * g.n);
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             for (int c = 0; c < C; c++) {
                 const size_t plane = (size_t)b * C + c;
                 load_padded(h + plane * H * W, g, Hp);
+                conv3x4(Hp, g, phi + PHI_K, O);
                 for (int k = 0; k < NK; k++) {
-                    conv3(Hp, g, phi + PHI_K + 9 * k, O);
-                    const float *restrict Ok = O;
+                    const float *restrict Ok = O + (size_t)k * g.n;
                     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                     for (int i = 0; i < g.n; i++) acc += (valid[i] && Ok[i] > 0.0f) ? Ok[i] : 0.0f;
                     g_out[plane * NK + k] = acc * inv;
+                }
+                if (masks) { /* bit k at flat position i of plane (b, c): conv3x3(h; kernel[k]) > 0 there, 0 at
+                              * garbage positions (for mp_scale_backward; mp_mask_size bytes per plane) */
+                    const float *restrict O0 = O, *restrict O1 = O + g.n, *restrict O2 = O + 2 * g.n,
+                                          *restrict O3 = O + 3 * g.n;
+                    uint8_t *restrict mb = masks + plane * g.n;
+#pragma omp simd
+                    for (int i = 0; i < g.n; i++)
+                        mb[i] = valid[i] ? (uint8_t)((O0[i] > 0.0f) | ((O1[i] > 0.0f) << 1) | ((O2[i] > 0.0f) << 2) |
+                                                     ((O3[i] > 0.0f) << 3))
+                                         : 0;
                 }
             }
         }
@@ -267,26 +326,32 @@ void mp_stats(const float *h, int B, int C, int H, int W, const float *phi, floa
     free(valid);
 }
 
-/* out = min(h * ((s[c] * softplus(E2(relu(E1(h))) + eps) - 1) * nc + 1), clip)  (no clip when has_clip == 0) */
+#define R_BIT 16 /* bit 4 of the masks: relu(E1(h)) > 0 (bits 0-3: the scale kernels, written by mp_stats) */
+
+/* out = min(h * ((s[c] * softplus(t) - 1) * nc + 1), clip), t = E2(relu(E1(h))) + eps (no clip when has_clip == 0).
+ * For backward (t_out not NULL): t (flat layout, mp_mask_size floats per plane) into t_out and bit R_BIT of masks. */
 void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, const float *s_c, float nc,
-                int has_clip, float clip, uint64_t seed, const float *eps, float *out, int threads) {
+                int has_clip, float clip, uint64_t seed, const float *eps, float *out, float *t_out, uint8_t *masks,
+                int threads) {
     const geo_t g = geo(H, W);
     unsigned char *valid = valid_mask(g);
 #pragma omp parallel num_threads(threads)
     {
-        scratch_t s = scratch_new(C, g, 0);
+        scratch_t s = scratch_new(C, g);
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             const float *hb = h + (size_t)b * C * H * W;
             noise_trunk(hb, C, g, phi, valid, &s);
             for (int c = 0; c < C; c++) {
                 const size_t plane = (size_t)b * C + c;
-                conv3(s.R + (size_t)c * g.pn, g, phi + PHI_W2, s.O);
+                const float *restrict Rc = s.R + (size_t)c * g.pn;
+                conv3(Rc, g, phi + PHI_W2, s.O);
                 load_eps(eps, seed, plane, g, s.N, s.E);
                 load_flat(hb + (size_t)c * H * W, g, s.T);
                 const float sc = s_c[c];
                 const float *restrict O = s.O, *restrict A = s.A, *restrict E = s.E;
                 float *restrict T = s.T;
+                float *restrict tt = t_out ? t_out + plane * g.n : s.E;   /* t is written over E when not kept */
 #pragma omp simd
                 for (int i = 0; i < g.n; i++) {
                     const float t = O[i] + A[i] + E[i];
@@ -294,8 +359,15 @@ void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, co
                     float o = T[i] * ((sc * z - 1.0f) * nc + 1.0f);
                     if (has_clip) o = o > clip ? clip : o;
                     T[i] = o;
+                    tt[i] = t;
                 }
                 store_plane(s.T, g, out + plane * H * W, 0);
+                if (masks) {
+                    uint8_t *restrict mb = masks + plane * g.n;
+                    const float *restrict r = Rc + g.Wp + 1;
+#pragma omp simd
+                    for (int i = 0; i < g.n; i++) mb[i] = (uint8_t)(mb[i] | (r[i] > 0.0f ? R_BIT : 0));
+                }
             }
         }
         scratch_free(&s);
@@ -304,10 +376,11 @@ void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, co
 }
 
 /* dh (written) = the gradient with respect to h of sum(grad * out) through everything but the batch statistics of
- * the scale function; ds[b, c] = sum over the plane of grad * h * softplus(t) (masked where clipped), from which
- * the caller gets dL/ds = nc * sum_b ds and the scale branch (mp_scale_backward). */
-void mp_backward(const float *grad, const float *h, int B, int C, int H, int W, const float *phi, const float *s_c,
-                 float nc, int has_clip, float clip, uint64_t seed, const float *eps, float *dh, float *ds,
+ * the scale function, from the t and the mask bit R_BIT that mp_forward kept; ds[b, c] = sum over the plane of
+ * grad * h * softplus(t) (masked where clipped), from which the caller gets dL/ds = nc * sum_b ds and the scale
+ * branch (mp_scale_backward). */
+void mp_backward(const float *grad, const float *h, const float *t_in, const uint8_t *masks, int B, int C, int H,
+                 int W, const float *phi, const float *s_c, float nc, int has_clip, float clip, float *dh, float *ds,
                  int threads) {
     const geo_t g = geo(H, W);
     unsigned char *valid = valid_mask(g);
@@ -316,38 +389,35 @@ void mp_backward(const float *grad, const float *h, int B, int C, int H, int W, 
     const float inv = 1.0f / (float)C;
 #pragma omp parallel num_threads(threads)
     {
-        scratch_t s = scratch_new(C, g, 1);
-        float *G = zalloc(g.n);
+        float *M = zalloc(g.pn), *A = zalloc(g.n), *O = zalloc(g.n), *T = zalloc(g.n), *G = zalloc(g.n);
+        float *U = zalloc((size_t)C * g.pn);
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             const float *hb = h + (size_t)b * C * H * W;
-            noise_trunk(hb, C, g, phi, valid, &s);
-            /* the noise branch's output: direct term into dh, u = dL/dt into U, its channel mean into M */
-            memset(s.M, 0, sizeof(float) * g.pn);
+            /* the output: direct term into dh, u = dL/dt into U, its channel mean into M */
+            memset(M, 0, sizeof(float) * g.pn);
             for (int c = 0; c < C; c++) {
                 const size_t plane = (size_t)b * C + c;
-                conv3(s.R + (size_t)c * g.pn, g, phi + PHI_W2, s.O);
-                load_eps(eps, seed, plane, g, s.N, s.E);
-                load_flat(hb + (size_t)c * H * W, g, s.T);
+                load_flat(hb + (size_t)c * H * W, g, T);
                 load_flat(grad + plane * H * W, g, G);
                 const float sc = s_c[c], ucoef = nc * sc;
-                const float *restrict O = s.O, *restrict A = s.A, *restrict E = s.E, *restrict T = s.T;
+                const float *restrict tt = t_in + plane * g.n, *restrict Tv = T;
                 float *restrict Gd = G;
-                float *restrict Uc = s.U + (size_t)c * g.pn + g.Wp + 1;
-                float *restrict m = s.M + g.Wp + 1;
+                float *restrict Uc = U + (size_t)c * g.pn + g.Wp + 1;
+                float *restrict m = M + g.Wp + 1;
                 float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                 for (int i = 0; i < g.n; i++) {
-                    const float t = O[i] + A[i] + E[i];
+                    const float t = tt[i];
                     const float e = exp_f(-fabsf(t));
                     const float z = softplus_e(t, e);
                     const float inv1e = 1.0f / (1.0f + e);
                     const float sig = t > 0.0f ? inv1e : e * inv1e;
                     const float mult = (sc * z - 1.0f) * nc + 1.0f;
-                    const float hv = T[i];
+                    const float hv = Tv[i];
                     const int live = valid[i] && !(has_clip && hv * mult > clip);
                     const float gg = live ? Gd[i] : 0.0f;
-                    const float u = gg * hv * ucoef * sig;
+                    const float u = live ? gg * hv * ucoef * sig : 0.0f;
                     acc += gg * hv * z;
                     Gd[i] = gg * mult;
                     Uc[i] = u;
@@ -357,78 +427,71 @@ void mp_backward(const float *grad, const float *h, int B, int C, int H, int W, 
                 store_plane(G, g, dh + plane * H * W, 0);
             }
             /* E2^T, then relu(E1)'s mask: du into U, its channel mean into M */
-            conv3(s.M, g, a2t, s.A);
-            memset(s.M, 0, sizeof(float) * g.pn);
+            conv3(M, g, a2t, A);
+            memset(M, 0, sizeof(float) * g.pn);
             for (int c = 0; c < C; c++) {
-                float *Ucp = s.U + (size_t)c * g.pn;
-                conv3(Ucp, g, w2t, s.O);
-                const float *restrict O = s.O, *restrict A = s.A;
-                const float *restrict Rc = s.R + (size_t)c * g.pn + g.Wp + 1;
+                float *Ucp = U + (size_t)c * g.pn;
+                conv3(Ucp, g, w2t, O);
+                const uint8_t *restrict mb = masks + ((size_t)b * C + c) * g.n;
+                const float *restrict Ov = O, *restrict Av = A;
                 float *restrict Uc = Ucp + g.Wp + 1;
-                float *restrict m = s.M + g.Wp + 1;
+                float *restrict m = M + g.Wp + 1;
 #pragma omp simd
                 for (int i = 0; i < g.n; i++) {
-                    const float du = Rc[i] > 0.0f ? O[i] + A[i] : 0.0f;   /* R is 0 at garbage positions */
+                    const float du = (mb[i] & R_BIT) ? Ov[i] + Av[i] : 0.0f;   /* the bit is 0 at garbage */
                     Uc[i] = du;
                     m[i] += inv * du;
                 }
             }
             /* E1^T, added to dh */
-            conv3(s.M, g, a1t, s.A);
+            conv3(M, g, a1t, A);
             for (int c = 0; c < C; c++) {
-                conv3(s.U + (size_t)c * g.pn, g, w1t, s.O);
-                const float *restrict A = s.A;
-                float *restrict O = s.O;
+                conv3(U + (size_t)c * g.pn, g, w1t, O);
+                const float *restrict Av = A;
+                float *restrict Ov = O;
 #pragma omp simd
-                for (int i = 0; i < g.n; i++) O[i] += A[i];
-                store_plane(s.O, g, dh + ((size_t)b * C + c) * H * W, 1);
+                for (int i = 0; i < g.n; i++) Ov[i] += Av[i];
+                store_plane(O, g, dh + ((size_t)b * C + c) * H * W, 1);
             }
         }
-        free(G);
-        scratch_free(&s);
+        free(M); free(A); free(O); free(T); free(G); free(U);
     }
     free(valid);
 }
 
 /* dh[b, c] += sum_k w[b, c, k] * conv3x3^T(1[conv3x3(h[b, c]; kernel[k]) > 0]; kernel[k]): the gradient through the
  * batch statistics g of the scale function, w = dL/dg / (H W) */
-void mp_scale_backward(const float *h, int B, int C, int H, int W, const float *phi, const float *w, float *dh,
+/* dh[b, c] += sum_k w[b, c, k] * conv3x3^T(1[conv3x3(h[b, c]; kernel[k]) > 0]; kernel[k]): the gradient through the
+ * batch statistics g of the scale function, w = dL/dg / (H W); the indicators are the bits mp_stats stored */
+void mp_scale_backward(const uint8_t *masks, int B, int C, int H, int W, const float *phi, const float *w, float *dh,
                        int threads) {
     const geo_t g = geo(H, W);
-    unsigned char *valid = valid_mask(g);
-    float kt[NK][9];
-    for (int k = 0; k < NK; k++) rot180(phi + PHI_K + 9 * k, kt[k]);
+    float kt[NK * 9];
+    for (int k = 0; k < NK; k++) rot180(phi + PHI_K + 9 * k, kt + 9 * k);
 #pragma omp parallel num_threads(threads)
     {
-        float *Hp = zalloc(g.pn), *O = zalloc(g.n), *Acc = zalloc(g.n);
-        float *Mk[NK];
-        for (int k = 0; k < NK; k++) Mk[k] = zalloc(g.pn);
+        float *O = zalloc(g.n), *M = zalloc((size_t)NK * g.pn);
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             for (int c = 0; c < C; c++) {
                 const size_t plane = (size_t)b * C + c;
-                load_padded(h + plane * H * W, g, Hp);
-                for (int k = 0; k < NK; k++) {
-                    conv3(Hp, g, phi + PHI_K + 9 * k, O);
-                    const float wk = w[plane * NK + k];
-                    float *restrict M = Mk[k] + g.Wp + 1;
-                    const float *restrict Ok = O;
+                const float *wp = w + plane * NK;
+                const float w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
+                const uint8_t *restrict mb = masks + plane * g.n;   /* the 4 masked planes: w[b, c, k] where */
+                float *restrict m0 = M + g.Wp + 1, *restrict m1 = m0 + g.pn, *restrict m2 = m1 + g.pn, /* bit k */
+                                *restrict m3 = m2 + g.pn;                                      /* is set, else 0 */
 #pragma omp simd
-                    for (int i = 0; i < g.n; i++) M[i] = (valid[i] && Ok[i] > 0.0f) ? wk : 0.0f;
+                for (int i = 0; i < g.n; i++) {
+                    const int v = mb[i];
+                    m0[i] = (v & 1) ? w0 : 0.0f;
+                    m1[i] = (v & 2) ? w1 : 0.0f;
+                    m2[i] = (v & 4) ? w2 : 0.0f;
+                    m3[i] = (v & 8) ? w3 : 0.0f;
                 }
-                conv3(Mk[0], g, kt[0], Acc);
-                for (int k = 1; k < NK; k++) {
-                    conv3(Mk[k], g, kt[k], O);
-                    float *restrict a = Acc;
-                    const float *restrict Ok = O;
-#pragma omp simd
-                    for (int i = 0; i < g.n; i++) a[i] += Ok[i];
-                }
-                store_plane(Acc, g, dh + plane * H * W, 1);
+                conv3sum4(M, g, kt, O);                 /* sum_k conv3x3^T(mask_k; kernel[k]) */
+                store_plane(O, g, dh + plane * H * W, 1);
             }
         }
-        for (int k = 0; k < NK; k++) free(Mk[k]);
-        free(Hp); free(O); free(Acc);
+        free(O); free(M);
     }
-    free(valid);
 }

@@ -39,12 +39,14 @@ FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapp
 _STATE: dict[str, object] = {}
 
 _F = ctypes.POINTER(ctypes.c_float)
+_B = ctypes.POINTER(ctypes.c_uint8)
 _I, _U64, _FL = ctypes.c_int, ctypes.c_uint64, ctypes.c_float
 SIGNATURES = {
-    "mp_stats": [_F, _I, _I, _I, _I, _F, _F, _I],
-    "mp_forward": [_F, _I, _I, _I, _I, _F, _F, _FL, _I, _FL, _U64, _F, _F, _I],
-    "mp_backward": [_F, _F, _I, _I, _I, _I, _F, _F, _FL, _I, _FL, _U64, _F, _F, _F, _I],
-    "mp_scale_backward": [_F, _I, _I, _I, _I, _F, _F, _F, _I],
+    "mp_stats": [_F, _I, _I, _I, _I, _F, _F, _B, _I],
+    "mp_forward": [_F, _I, _I, _I, _I, _F, _F, _FL, _I, _FL, _U64, _F, _F, _F, _B, _I],
+    "mp_backward": [_F, _F, _F, _B, _I, _I, _I, _I, _F, _F, _FL, _I, _FL, _F, _F, _I],
+    "mp_scale_backward": [_B, _I, _I, _I, _I, _F, _F, _F, _I],
+    "mp_mask_size": [_I, _I],
 }
 
 
@@ -81,8 +83,12 @@ def _build() -> Path:
         out = cache_dir() / f"perturb_{key}.so"
         if out.is_file():
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".perturb_", suffix=".so", dir=out.parent)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".perturb_", suffix=".so", dir=out.parent)
+        except OSError as e:
+            raise RuntimeError(f"cannot write the kernel cache {out.parent} ({e.strerror or e}); set MPBENCH_CACHE "
+                               f"to a writable directory") from None
         os.close(fd)
         try:
             r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *libs], capture_output=True, text=True,
@@ -105,12 +111,12 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build()))
     except (RuntimeError, OSError) as e:
         _STATE["why"] = str(e)
-        log.warning("MetaPerturb native CPU kernel unavailable (%s); using the slower PyTorch path. Install a C "
-                    "compiler (gcc) to enable it, or set MPBENCH_NATIVE=0 to silence this.", e)
+        log.warning("MetaPerturb native CPU kernel unavailable (%s); using the slower PyTorch path (a C compiler "
+                    "with OpenMP, e.g. gcc, enables it; MPBENCH_NATIVE=0 silences this)", e)
         return None
     for name, args in SIGNATURES.items():
         getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int if name == "mp_mask_size" else None
     return lib
 
 
@@ -133,7 +139,7 @@ def applies(h: torch.Tensor) -> bool:
 # ---- calls ----------------------------------------------------------------------------------------------------------
 
 def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.cast(t.data_ptr(), _F)
+    return None if t is None else ctypes.cast(t.data_ptr(), _B if t.dtype == torch.uint8 else _F)
 
 
 def _phi(fn: "PerturbFunction") -> torch.Tensor:
@@ -159,10 +165,15 @@ def native_forward(fn: "PerturbFunction", h: torch.Tensor, rm: torch.Tensor, rv:
     hn = h.detach().contiguous()
     epsn = None if eps is None else eps.detach().to(torch.float32).contiguous()
     phi = _phi(fn)
-    g = None
+    need_grad = torch.is_grad_enabled() and h.requires_grad
+    g = masks = t = None
+    if need_grad:       # what backward needs besides h: t = alpha + eps and a byte of indicator bits per element
+        n = lib.mp_mask_size(H, W)
+        t = torch.empty(B, C, n)
+        masks = (torch.empty if fn.training else torch.zeros)(B, C, n, dtype=torch.uint8)
     if fn.training:
         g = torch.empty(B, C, 4)
-        lib.mp_stats(_ptr(hn), B, C, H, W, _ptr(phi), _ptr(g), threads)
+        lib.mp_stats(_ptr(hn), B, C, H, W, _ptr(phi), _ptr(g), _ptr(masks), threads)
     with torch.no_grad():
         m, v = fn._moments(g, rm, rv, h.dtype)
         s = _scale(fn, m, v, C, H, fn.fc.weight.detach().to(h.dtype)).reshape(C).contiguous()
@@ -170,9 +181,9 @@ def native_forward(fn: "PerturbFunction", h: torch.Tensor, rm: torch.Tensor, rv:
     clip = fn.clip
     out = torch.empty_like(hn)
     lib.mp_forward(_ptr(hn), B, C, H, W, _ptr(phi), _ptr(s), float(c), int(clip is not None),
-                   float(clip or 0.0), seed, _ptr(epsn), _ptr(out), threads)
-    if torch.is_grad_enabled() and h.requires_grad:
-        out = _NativePerturb.apply(h, out, (fn, hn, epsn, phi, g, m, s, float(c), seed))
+                   float(clip or 0.0), seed, _ptr(epsn), _ptr(out), _ptr(t), _ptr(masks), threads)
+    if need_grad:
+        out = _NativePerturb.apply(h, out, (fn, hn, t, masks, phi, g, m, s, float(c)))
     return out.contiguous(memory_format=torch.channels_last) if _is_cl(h) else out
 
 
@@ -191,7 +202,7 @@ class _NativePerturb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        fn, hn, epsn, phi, g, m, s, c, seed = ctx.state
+        fn, hn, t, masks, phi, g, m, s, c = ctx.state
         lib = library()
         B, C, H, W = hn.shape
         threads = torch.get_num_threads()
@@ -199,8 +210,8 @@ class _NativePerturb(torch.autograd.Function):
         dh = torch.empty_like(hn)
         ds = torch.empty(B, C)
         clip = fn.clip
-        lib.mp_backward(_ptr(grad), _ptr(hn), B, C, H, W, _ptr(phi), _ptr(s), c, int(clip is not None),
-                        float(clip or 0.0), seed, _ptr(epsn), _ptr(dh), _ptr(ds), threads)
+        lib.mp_backward(_ptr(grad), _ptr(hn), _ptr(t), _ptr(masks), B, C, H, W, _ptr(phi), _ptr(s), c,
+                        int(clip is not None), float(clip or 0.0), _ptr(dh), _ptr(ds), threads)
         if g is not None:
             # dL/dg[b, c, k] / (H W), g's dependence through m = mean_b g and v = var_b g (unbiased)
             K = g.shape[2]
@@ -209,5 +220,5 @@ class _NativePerturb(torch.autograd.Function):
                 dpre = ds.sum(0).mul_(c).mul_(s * (1 - s))                                  # (C,)
                 coef = (g - m).mul_(fc[K:2 * K] * (2.0 / (B - 1))).add_(fc[:K] / B)          # (B, C, K)
                 w = coef.mul_(dpre.view(1, C, 1) / (H * W)).contiguous()
-            lib.mp_scale_backward(_ptr(hn), B, C, H, W, _ptr(phi), _ptr(w), _ptr(dh), threads)
+            lib.mp_scale_backward(_ptr(masks), B, C, H, W, _ptr(phi), _ptr(w), _ptr(dh), threads)
         return dh, None, None

@@ -475,3 +475,24 @@ def test_bench_smoke():
     r = bench_metaperturb("resnet20", batch=4, size=16, threads=1, steps=1, warmup=0, verbose=False)
     assert r["sites"] == 9 and r["base_ms"] > 0 and r["fast_ratio"] > 0 and r["reference_ratio"] > 0
     assert "resnet20, cpu, batch 4, 16 px, 1 threads" in format_result(r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh)")
+def test_fast_path_on_cuda_equals_reference():
+    """On a GPU the PyTorch execution runs (the native kernels are CPU-only): outputs, gradients and the running
+    statistics equal the reference's for the same eps."""
+    ref, fast = pair(num_sites=1, clip=3.0)
+    ref, fast = ref.cuda(), fast.cuda()
+    for mode in (True, False):
+        ref.train(mode)
+        fast.train(mode)
+        h = (torch.randn(8, 16, 16, 16) * 2).cuda()
+        eps, g = torch.randn_like(h), torch.randn_like(h)
+        h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+        o1, o2 = ref(h1, noise_coeff=0.6, eps=eps), fast(h2, noise_coeff=0.6, eps=eps)
+        torch.testing.assert_close(o2, o1, atol=1e-4, rtol=1e-4)
+        (o1 * g).sum().backward()
+        (o2 * g).sum().backward()
+        torch.testing.assert_close(h2.grad, h1.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.running_var_0, ref.running_var_0)
+    assert fast(h).device.type == "cuda" and not torch.equal(fast(h), fast(h))   # noise drawn on the device

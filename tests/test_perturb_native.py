@@ -121,3 +121,22 @@ def test_native_gradients_agree_with_the_pytorch_path_on_a_network_sized_input(m
     (o1 * g).sum().backward()
     (o2 * g).sum().backward()
     torch.testing.assert_close(h1.grad, h2.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_malloc_tuning_is_on_by_default_and_can_be_opted_out(monkeypatch):
+    from mpbench import malloc
+
+    monkeypatch.setattr(malloc, "_TUNED", {})
+    monkeypatch.setattr(malloc, "tune_malloc", lambda threshold=1 << 30: True)
+    assert malloc.tune_for_training() is True
+    monkeypatch.setattr(malloc, "_TUNED", {})
+    monkeypatch.setenv("MPBENCH_MALLOC_TUNE", "0")
+    assert malloc.tune_for_training() is False
+
+
+def test_an_unwritable_cache_names_the_fix(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MPBENCH_CACHE", str(blocker))           # a file where the cache directory should be
+    with pytest.raises(RuntimeError, match="MPBENCH_CACHE to a writable directory"):
+        native._build()

@@ -85,6 +85,7 @@ def test_pool_launcher_two_slots(make_suite, tmp_path):
     for d in res.glob("runs/*"):
         r = json.loads((d / "result.json").read_text())
         assert r["device"].startswith("cpu") and "x1 threads" in r["device"]
+        assert r["malloc_tuned"] is True           # every training process keeps its freed memory (mpbench.malloc)
         assert (d / "stdout.log").exists()
         assert not (d / "lock").exists()
 
