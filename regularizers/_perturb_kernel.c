@@ -3,8 +3,9 @@
  * The math is regularizers/_perturb.py's (PerturbFunction._reference_forward); regularizers/_perturb_native.py
  * builds this file with the system C compiler, loads it with ctypes and wires it into autograd. Every kernel works
  * on one sample b at a time (OpenMP over the batch), its planes held in small padded buffers that stay in cache,
- * For backward the forward keeps t = alpha + eps (one float per element) and one byte per element of indicator bits
- * (the scale kernels' and relu(E1)'s), so backward runs neither the noise trunk nor the generator again.
+ * For backward the forward keeps z = softplus(alpha + eps) (one float per element; sigmoid(alpha + eps) = 1 - exp(-z))
+ * and one byte per element of indicator bits (the scale kernels' and relu(E1)'s), so backward runs neither the noise
+ * trunk nor the generator again.
  *
  * Planes. A padded plane holds an H x W map at rows 1..H, columns 1..W of an (H + 2) x Wp grid (Wp = W + 2) with
  * zero borders, plus 2 floats of slack. conv3 computes a 3x3 cross-correlation (F.conv2d, padding 1) for all
@@ -183,21 +184,6 @@ static inline void store_plane(const float *restrict F, geo_t g, float *restrict
     }
 }
 
-/* the channel mean of the C planes of h (one sample) into the padded plane M */
-static void channel_mean(const float *restrict h, int C, geo_t g, float *restrict M) {
-    const float inv = 1.0f / (float)C;
-    memset(M, 0, sizeof(float) * g.pn);
-    for (int c = 0; c < C; c++) {
-        const float *restrict hc = h + (size_t)c * g.H * g.W;
-        for (int y = 0; y < g.H; y++) {
-            float *restrict m = M + (y + 1) * g.Wp + 1;
-            const float *restrict s = hc + y * g.W;
-#pragma omp simd
-            for (int x = 0; x < g.W; x++) m[x] += inv * s[x];
-        }
-    }
-}
-
 /* ---- noise ---------------------------------------------------------------------------------------------------- */
 
 /* out[0 .. 2 * pairs) <- N(0, 1) from counters first .. first + pairs (two normals per counter) */
@@ -233,13 +219,13 @@ static inline void load_eps(const float *eps, uint64_t seed, size_t plane, geo_t
 /* ---- shared per-sample work ---------------------------------------------------------------------------------- */
 
 typedef struct {
-    float *Hp, *M, *A, *O, *E, *N, *T; /* padded h plane, padded mean, flat A/O/E/T, normals */
-    float *R;                          /* C padded planes: r = relu(E1(h)) */
+    float *M, *A, *O, *E, *N, *T; /* padded mean, flat A/O/E/T, normals */
+    float *Hall, *R;              /* C padded planes each: the sample's h, and r = relu(E1(h)) */
 } scratch_t;
 
 static scratch_t scratch_new(int C, geo_t g) {
     scratch_t s;
-    s.Hp = zalloc(g.pn);
+    s.Hall = zalloc((size_t)C * g.pn);
     s.M = zalloc(g.pn);
     s.A = zalloc(g.n);
     s.O = zalloc(g.n);
@@ -251,19 +237,26 @@ static scratch_t scratch_new(int C, geo_t g) {
 }
 
 static void scratch_free(scratch_t *s) {
-    free(s->Hp); free(s->M); free(s->A); free(s->O); free(s->E); free(s->T); free(s->N); free(s->R);
+    free(s->Hall); free(s->M); free(s->A); free(s->O); free(s->E); free(s->T); free(s->N); free(s->R);
 }
 
-/* r = relu(E1(h)) into the padded planes R, and A <- the channel-mean term of E2 (flat), for one sample */
+/* for one sample: its planes into the padded planes Hall, r = relu(E1(h)) into the padded planes R, and A <- the
+ * channel-mean term of E2 (flat) */
 static void noise_trunk(const float *restrict h, int C, geo_t g, const float *phi, const unsigned char *valid,
                         scratch_t *s) {
     const float inv = 1.0f / (float)C;
-    channel_mean(h, C, g, s->M);
+    memset(s->M, 0, sizeof(float) * g.pn);                  /* M <- mean_c h (borders stay 0) */
+    for (int c = 0; c < C; c++) {
+        float *restrict Hc = s->Hall + (size_t)c * g.pn;
+        load_padded(h + (size_t)c * g.H * g.W, g, Hc);
+        float *restrict m = s->M;
+#pragma omp simd
+        for (int i = 0; i < g.pn; i++) m[i] += inv * Hc[i];
+    }
     conv3(s->M, g, phi + PHI_A1, s->A);                     /* A1 */
     memset(s->M, 0, sizeof(float) * g.pn);                  /* M <- mean_c r */
     for (int c = 0; c < C; c++) {
-        load_padded(h + (size_t)c * g.H * g.W, g, s->Hp);
-        conv3(s->Hp, g, phi + PHI_W1, s->O);
+        conv3(s->Hall + (size_t)c * g.pn, g, phi + PHI_W1, s->O);
         float *restrict Rc = s->R + (size_t)c * g.pn + g.Wp + 1;
         float *restrict m = s->M + g.Wp + 1;
         const float *restrict O = s->O, *restrict A = s->A;
@@ -328,10 +321,10 @@ void mp_stats(const float *h, int B, int C, int H, int W, const float *phi, floa
 
 #define R_BIT 16 /* bit 4 of the masks: relu(E1(h)) > 0 (bits 0-3: the scale kernels, written by mp_stats) */
 
-/* out = min(h * ((s[c] * softplus(t) - 1) * nc + 1), clip), t = E2(relu(E1(h))) + eps (no clip when has_clip == 0).
- * For backward (t_out not NULL): t (flat layout, mp_mask_size floats per plane) into t_out and bit R_BIT of masks. */
+/* out = min(h * ((s[c] * z - 1) * nc + 1), clip), z = softplus(E2(relu(E1(h))) + eps) (no clip when has_clip == 0).
+ * For backward (z_out not NULL): z (flat layout, mp_mask_size floats per plane) into z_out and bit R_BIT of masks. */
 void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, const float *s_c, float nc,
-                int has_clip, float clip, uint64_t seed, const float *eps, float *out, float *t_out, uint8_t *masks,
+                int has_clip, float clip, uint64_t seed, const float *eps, float *out, float *z_out, uint8_t *masks,
                 int threads) {
     const geo_t g = geo(H, W);
     unsigned char *valid = valid_mask(g);
@@ -347,19 +340,19 @@ void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, co
                 const float *restrict Rc = s.R + (size_t)c * g.pn;
                 conv3(Rc, g, phi + PHI_W2, s.O);
                 load_eps(eps, seed, plane, g, s.N, s.E);
-                load_flat(hb + (size_t)c * H * W, g, s.T);
                 const float sc = s_c[c];
                 const float *restrict O = s.O, *restrict A = s.A, *restrict E = s.E;
+                const float *restrict hv = s.Hall + (size_t)c * g.pn + g.Wp + 1;   /* h, flat */
                 float *restrict T = s.T;
-                float *restrict tt = t_out ? t_out + plane * g.n : s.E;   /* t is written over E when not kept */
+                float *restrict zz = z_out ? z_out + plane * g.n : s.E;   /* z is written over E when not kept */
 #pragma omp simd
                 for (int i = 0; i < g.n; i++) {
                     const float t = O[i] + A[i] + E[i];
                     const float z = softplus_e(t, exp_f(-fabsf(t)));
-                    float o = T[i] * ((sc * z - 1.0f) * nc + 1.0f);
+                    float o = hv[i] * ((sc * z - 1.0f) * nc + 1.0f);
                     if (has_clip) o = o > clip ? clip : o;
                     T[i] = o;
-                    tt[i] = t;
+                    zz[i] = z;
                 }
                 store_plane(s.T, g, out + plane * H * W, 0);
                 if (masks) {
@@ -376,10 +369,10 @@ void mp_forward(const float *h, int B, int C, int H, int W, const float *phi, co
 }
 
 /* dh (written) = the gradient with respect to h of sum(grad * out) through everything but the batch statistics of
- * the scale function, from the t and the mask bit R_BIT that mp_forward kept; ds[b, c] = sum over the plane of
- * grad * h * softplus(t) (masked where clipped), from which the caller gets dL/ds = nc * sum_b ds and the scale
+ * the scale function, from the z and the mask bit R_BIT that mp_forward kept; ds[b, c] = sum over the plane of
+ * grad * h * z (masked where clipped), from which the caller gets dL/ds = nc * sum_b ds and the scale
  * branch (mp_scale_backward). */
-void mp_backward(const float *grad, const float *h, const float *t_in, const uint8_t *masks, int B, int C, int H,
+void mp_backward(const float *grad, const float *h, const float *z_in, const uint8_t *masks, int B, int C, int H,
                  int W, const float *phi, const float *s_c, float nc, int has_clip, float clip, float *dh, float *ds,
                  int threads) {
     const geo_t g = geo(H, W);
@@ -401,18 +394,15 @@ void mp_backward(const float *grad, const float *h, const float *t_in, const uin
                 load_flat(hb + (size_t)c * H * W, g, T);
                 load_flat(grad + plane * H * W, g, G);
                 const float sc = s_c[c], ucoef = nc * sc;
-                const float *restrict tt = t_in + plane * g.n, *restrict Tv = T;
+                const float *restrict zz = z_in + plane * g.n, *restrict Tv = T;
                 float *restrict Gd = G;
                 float *restrict Uc = U + (size_t)c * g.pn + g.Wp + 1;
                 float *restrict m = M + g.Wp + 1;
                 float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                 for (int i = 0; i < g.n; i++) {
-                    const float t = tt[i];
-                    const float e = exp_f(-fabsf(t));
-                    const float z = softplus_e(t, e);
-                    const float inv1e = 1.0f / (1.0f + e);
-                    const float sig = t > 0.0f ? inv1e : e * inv1e;
+                    const float z = zz[i];
+                    const float sig = 1.0f - exp_f(-z);          /* sigmoid(t), as exp(z) = 1 + exp(t) */
                     const float mult = (sc * z - 1.0f) * nc + 1.0f;
                     const float hv = Tv[i];
                     const int live = valid[i] && !(has_clip && hv * mult > clip);

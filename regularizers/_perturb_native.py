@@ -166,10 +166,10 @@ def native_forward(fn: "PerturbFunction", h: torch.Tensor, rm: torch.Tensor, rv:
     epsn = None if eps is None else eps.detach().to(torch.float32).contiguous()
     phi = _phi(fn)
     need_grad = torch.is_grad_enabled() and h.requires_grad
-    g = masks = t = None
-    if need_grad:       # what backward needs besides h: t = alpha + eps and a byte of indicator bits per element
+    g = masks = z = None
+    if need_grad:       # what backward needs besides h: z = softplus(alpha + eps) and a byte of indicator bits
         n = lib.mp_mask_size(H, W)
-        t = torch.empty(B, C, n)
+        z = torch.empty(B, C, n)
         masks = (torch.empty if fn.training else torch.zeros)(B, C, n, dtype=torch.uint8)
     if fn.training:
         g = torch.empty(B, C, 4)
@@ -181,9 +181,9 @@ def native_forward(fn: "PerturbFunction", h: torch.Tensor, rm: torch.Tensor, rv:
     clip = fn.clip
     out = torch.empty_like(hn)
     lib.mp_forward(_ptr(hn), B, C, H, W, _ptr(phi), _ptr(s), float(c), int(clip is not None),
-                   float(clip or 0.0), seed, _ptr(epsn), _ptr(out), _ptr(t), _ptr(masks), threads)
+                   float(clip or 0.0), seed, _ptr(epsn), _ptr(out), _ptr(z), _ptr(masks), threads)
     if need_grad:
-        out = _NativePerturb.apply(h, out, (fn, hn, t, masks, phi, g, m, s, float(c)))
+        out = _NativePerturb.apply(h, out, (fn, hn, z, masks, phi, g, m, s, float(c)))
     return out.contiguous(memory_format=torch.channels_last) if _is_cl(h) else out
 
 
@@ -202,7 +202,7 @@ class _NativePerturb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        fn, hn, t, masks, phi, g, m, s, c = ctx.state
+        fn, hn, z, masks, phi, g, m, s, c = ctx.state
         lib = library()
         B, C, H, W = hn.shape
         threads = torch.get_num_threads()
@@ -210,7 +210,7 @@ class _NativePerturb(torch.autograd.Function):
         dh = torch.empty_like(hn)
         ds = torch.empty(B, C)
         clip = fn.clip
-        lib.mp_backward(_ptr(grad), _ptr(hn), _ptr(t), _ptr(masks), B, C, H, W, _ptr(phi), _ptr(s), c,
+        lib.mp_backward(_ptr(grad), _ptr(hn), _ptr(z), _ptr(masks), B, C, H, W, _ptr(phi), _ptr(s), c,
                         int(clip is not None), float(clip or 0.0), _ptr(dh), _ptr(ds), threads)
         if g is not None:
             # dL/dg[b, c, k] / (H W), g's dependence through m = mean_b g and v = var_b g (unbiased)
