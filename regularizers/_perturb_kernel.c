@@ -8,10 +8,10 @@
  * trunk nor the generator again.
  *
  * Planes. A padded plane holds an H x W map at rows 1..H, columns 1..W of an (H + 2) x Wp grid (Wp = W + 2) with
- * zero borders, plus 2 floats of slack. conv3 computes a 3x3 cross-correlation (F.conv2d, padding 1) for all
- * n >= H * Wp "flat" positions i = y * Wp + x at once (one long vectorised loop whatever W is); positions x >= W
- * and i >= H * Wp are garbage. A flat result goes back into a padded plane at P[i + Wp + 1] with the garbage replaced by 0, which is
- * exactly the right border of row y + 1 and the left border of row y + 2 (store_padded).
+ * zero borders, plus slack. conv3 computes a 3x3 cross-correlation (F.conv2d, padding 1) for all n >= H * Wp "flat"
+ * positions i = y * Wp + x at once (one long vectorised loop whatever W is; n a whole number of vectors); positions
+ * x >= W and i >= H * Wp are garbage. A flat result goes back into a padded plane at P[i + Wp + 1] with the garbage
+ * replaced by 0, which is exactly the right border of row y + 1 and the left border of row y + 2.
  *
  * Noise: eps[b, c, y, x] is N(0, 1) by the Box-Muller transform of two 24-bit uniforms (as torch's CPU sampler)
  * taken from SplitMix64 of a counter (the plane's index and the position): counter-based, so the draw depends on

@@ -6,8 +6,8 @@ into ``$MPBENCH_CACHE`` (default ``~/.cache/mpbench``; the file name carries a h
 compiler and the CPU, so a node of another kind builds its own), written atomically so that concurrent workers can
 race, and loaded with ctypes. Its OpenMP is the process's: PyTorch's ``libgomp.so.1`` is already loaded and the
 kernel's dependency on that soname resolves to it, so the two share one thread pool. Where no compiler works, or
-with ``MPBENCH_NATIVE=0``, :func:`available` is False and :mod:`regularizers._perturb_fast`'s PyTorch path runs
-(one warning says why).
+with ``MPBENCH_NATIVE=0``, :func:`library` is None and :mod:`regularizers._perturb_fast`'s PyTorch path runs (one
+warning says why, :func:`why_unavailable` too).
 
 Same math as the reference; the Gaussian draw is the same distribution, N(0, 1) by Box-Muller from 24-bit
 uniforms as torch's CPU sampler, from a counter-based generator (SplitMix64) seeded by one 63-bit draw from torch's
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_perturb_kernel.c")
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"], ["-lm"]), \
-            (["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"], ["-lm"])     # no -march=native
+_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+FLAG_SETS = ((["-march=native", *_FLAGS], ["-lm"]), (_FLAGS, ["-lm"]))     # the second: compilers without -march
 _STATE: dict[str, object] = {}
 
 _F = ctypes.POINTER(ctypes.c_float)
@@ -183,7 +183,7 @@ def native_forward(fn: "PerturbFunction", h: torch.Tensor, rm: torch.Tensor, rv:
     lib.mp_forward(_ptr(hn), B, C, H, W, _ptr(phi), _ptr(s), float(c), int(clip is not None),
                    float(clip or 0.0), seed, _ptr(epsn), _ptr(out), _ptr(z), _ptr(masks), threads)
     if need_grad:
-        out = _NativePerturb.apply(h, out, (fn, hn, z, masks, phi, g, m, s, float(c)))
+        out = _NativePerturb.apply(h, out, (fn, hn, z, masks, phi, g, m, s, float(c), clip))
     return out.contiguous(memory_format=torch.channels_last) if _is_cl(h) else out
 
 
@@ -202,14 +202,13 @@ class _NativePerturb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        fn, hn, z, masks, phi, g, m, s, c = ctx.state
+        fn, hn, z, masks, phi, g, m, s, c, clip = ctx.state
         lib = library()
         B, C, H, W = hn.shape
         threads = torch.get_num_threads()
         grad = grad.to(torch.float32).contiguous()
         dh = torch.empty_like(hn)
         ds = torch.empty(B, C)
-        clip = fn.clip
         lib.mp_backward(_ptr(grad), _ptr(hn), _ptr(z), _ptr(masks), B, C, H, W, _ptr(phi), _ptr(s), c,
                         int(clip is not None), float(clip or 0.0), _ptr(dh), _ptr(ds), threads)
         if g is not None:

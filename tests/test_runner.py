@@ -46,14 +46,19 @@ def test_nan_loss_fails_that_run_with_reason_and_others_finish(make_suite, tmp_p
     assert not (failed / "done").exists()
 
 
-def test_interrupted_run_resumes_to_identical_metrics(make_suite, tmp_path):
-    """A run stopped mid-way (checkpoint) and resumed ends with the same numbers as an uninterrupted one."""
-    from mpbench.runner import Execution
-    from mpbench.store import RunDir
+@pytest.mark.parametrize("method", ["dropout", "metaperturb"])
+def test_interrupted_run_resumes_to_identical_metrics(make_suite, tmp_path, method):
+    """A run stopped mid-way (checkpoint) and resumed ends with the same numbers as an uninterrupted one (MetaPerturb:
+    its noise, drawn by the native kernels from a seed that torch's checkpointed generator supplies, too)."""
     from mpbench.train import Interrupted, RunHooks, build, train_loop
+    from regularizers.metaperturb import PerturbFunction
 
     torch.set_num_threads(1)
-    cfg = load_suite(str(make_suite(grid={"regularizer": ["dropout"]})), ["train.steps=8", "train.eval_every=4"])
+    overrides = ["train.steps=8", "train.eval_every=4"]
+    if method == "metaperturb":
+        PerturbFunction().save_phi(tmp_path / "phi.pt")
+        overrides += [f"reg.metaperturb.phi={tmp_path / 'phi.pt'}", "reg.metaperturb.final_eval_passes=3"]
+    cfg = load_suite(str(make_suite(grid={"regularizer": [method]})), overrides)
     spec = expand(cfg).runs[0].spec
     dev = torch.device("cpu")
     ref = train_loop(build(spec, tmp_path, dev, {}), spec, dev, RunHooks())
