@@ -18,8 +18,8 @@ import torch
 
 from mpbench.claim import Claim, slurm_job_id
 from mpbench.errors import MpbenchError, RunFailed
-from mpbench.plan import artifact_path
 from mpbench.malloc import tune_for_training
+from mpbench.plan import artifact_path
 from mpbench.provenance import device_name, git_info, versions
 from mpbench.stages import STAGES, save_tensors
 from mpbench.store import SCHEMA_VERSION, RunDir

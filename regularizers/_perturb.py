@@ -108,6 +108,7 @@ class PerturbFunction(nn.Module):
         self.clip = None if clip is None else float(clip)
         self.release_var_factor = bool(release_var_factor)
         self.impl = impl
+        self.native = True          # frozen phi on float32 CPU tensors: the native kernels, where they build
         self.deterministic = False
         self.kernel = nn.Parameter(torch.empty(H_DIM, 1, 3, 3))
         self.phi_1 = ChannelEquivariantOp()

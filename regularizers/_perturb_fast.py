@@ -357,7 +357,7 @@ def fast_forward(fn: "PerturbFunction", h: torch.Tensor, site: int, noise_coeff:
     rm, rv = fn._stats_for(site, C, h)
     grad = torch.is_grad_enabled()
     frozen = not (grad and (fn.phi_trainable or (fn.deterministic and h.requires_grad)))
-    if frozen and not fn.deterministic and getattr(fn, "native", True) and native.applies(h):
+    if frozen and not fn.deterministic and fn.native and native.applies(h):
         return native.native_forward(fn, h, rm, rv, float(noise_coeff), eps)
     own_eps = eps is None and not fn.deterministic
     if own_eps:
