@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from regularizers._perturb import PerturbFunction
@@ -201,6 +202,7 @@ class _NativePerturb(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         fn, hn, z, masks, phi, g, m, s, c, clip = ctx.state
         lib = library()
