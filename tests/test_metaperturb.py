@@ -472,9 +472,11 @@ def test_plugin_uses_the_metatrain_artifact(tmp_path, phi_file):
 def test_bench_smoke():
     from mpbench.bench import bench_metaperturb, format_result
 
-    r = bench_metaperturb("resnet20", batch=4, size=16, threads=1, steps=1, warmup=0, verbose=False)
+    r = bench_metaperturb("resnet20", batch=4, size=16, threads=1, steps=1, warmup=0, verbose=False,
+                          impls=("fast", "pytorch", "reference"))
     assert r["sites"] == 9 and r["base_ms"] > 0 and r["fast_ratio"] > 0 and r["reference_ratio"] > 0
-    assert "resnet20, cpu, batch 4, 16 px, 1 threads" in format_result(r)
+    assert r["pytorch_ratio"] > 0 and r["cpu_kernel"] == "native"
+    assert "resnet20, cpu, batch 4, 16 px, 1 threads" in format_result(r) and "fast = native kernels" in format_result(r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh)")
