@@ -8,8 +8,6 @@ depend on its values); phi is frozen as at meta-test time.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -33,7 +31,9 @@ def _attach_metaperturb(model: nn.Module, impl: str, size: int) -> list[str]:
     return [s.name for s in sites]
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """One Adam training step (GPU: synchronised before returning)."""
+    from mpbench.bench_loop import sync_device
     from regularizers.metaperturb import PerturbFunction
 
     phi = {id(p) for m in model.modules() if isinstance(m, PerturbFunction) for p in m.parameters()}
@@ -44,6 +44,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        sync_device(device)
 
     return step
 
@@ -68,6 +69,7 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
 
     import mpbench.models  # noqa: F401  (registers the CIFAR nets into timm)
 
+    from mpbench.bench_loop import interleaved_medians
     from mpbench.malloc import tune_for_training
 
     tuned = tune_for_training() if malloc_tune else False
@@ -88,21 +90,7 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
             m.to(dev)
         x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
         y = torch.randint(0, num_classes, (batch,), device=dev)
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        steps_fns = {k: _step_fn(m, x, y) for k, m in variants.items()}
-        for _ in range(warmup):
-            for f in steps_fns.values():
-                f()
-        times: dict[str, list[float]] = {k: [] for k in steps_fns}
-        cpu: dict[str, list[float]] = {k: [] for k in steps_fns}
-        for _ in range(steps):
-            for k, f in steps_fns.items():
-                sync()
-                c0, t0 = time.process_time(), time.perf_counter()
-                f()
-                sync()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
+        med, cmed = interleaved_medians({k: _step_fn(m, x, y, dev) for k, m in variants.items()}, warmup, steps)
     finally:
         torch.set_num_threads(prev_threads)
     out: dict[str, Any] = {"model": model, "device": device, "batch": batch, "size": size, "threads": int(threads),
@@ -110,8 +98,8 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
                            "warmup": warmup, "torch": torch.__version__, "sites": len(sites),
                            "channels_last": bool(channels_last), "malloc_tune": tuned,
                            "cpu_kernel": _cpu_kernel(device)}
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    cmed = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
+    med = {k: v * 1e3 for k, v in med.items()}
+    cmed = {k: v * 1e3 for k, v in cmed.items()}
     out["base_ms"] = round(med["base"], 2)
     out["base_cpu_ms"] = round(cmed["base"], 2)
     for impl in impls:
@@ -127,9 +115,7 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
 def _cpu_kernel(device: str) -> str:
     from regularizers import _perturb_native as native
 
-    if torch.device(device).type != "cpu":
-        return "n/a"
-    return "native" if native.library() is not None else f"pytorch ({native.why_unavailable()})"
+    return native.describe() if torch.device(device).type == "cpu" else "n/a"
 
 
 def format_result(r: dict[str, Any]) -> str:

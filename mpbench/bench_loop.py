@@ -68,16 +68,20 @@ def _setup(methods: list[str], model: str, batch: int, size: int, steps: int, de
     return Setup(net, stack, ctx, data.images, data.labels, data.images[:batch], data.labels[:batch], classes), spec
 
 
-def _interleaved_medians(fns: dict[str, Any], warmup: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn step after step (warm-up calls dropped)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+def interleaved_medians(fns: dict[str, Any], warmup: int, steps: int
+                        ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall-clock and process-CPU seconds per call of each function, calling them in turn step after step so
+    that a busy machine slows them alike (warm-up calls dropped). A function on a GPU synchronises before returning."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + steps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def _bare_step(setup: Setup, spec: dict[str, Any], device: torch.device):
@@ -95,12 +99,13 @@ def _bare_step(setup: Setup, spec: dict[str, Any], device: torch.device):
         loss.backward()
         opt.step()
         sched.step()
-        _sync(device)
+        sync_device(device)
 
     return step
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the GPU's queued work (timings of CUDA steps); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -113,7 +118,7 @@ def _mpbench_step(setup: Setup, spec: dict[str, Any], device: torch.device):
     def step() -> None:
         total, _ = stepper.step(next(count))
         float(total)
-        _sync(device)
+        sync_device(device)
 
     return step
 
@@ -128,7 +133,7 @@ def bench_loop(model: str = "resnet20", batch: int = 128, size: int = 32, thread
         setup, spec = _setup(["base"], model, batch, size, steps, dev, Path(tmp))
         setup.model.train()
         fns = {"mpbench": _mpbench_step(setup, spec, dev), "bare": _bare_step(setup, spec, dev)}
-        med = _interleaved_medians(fns, warmup, steps)
+        med, _ = interleaved_medians(fns, warmup, steps)
     m_loop, m_bare = med["mpbench"], med["bare"]
     return {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median of {steps} "
                      f"interleaved steps", "bare ms/step": round(1000 * m_bare, 2),
@@ -153,7 +158,7 @@ def bench_regularizers(model: str = "resnet20", batch: int = 128, size: int = 32
                 fns[m] = _mpbench_step(setup, spec, dev)
             except Exception as e:  # noqa: BLE001 - an incompatible method is reported, not fatal
                 skipped[m] = str(e).splitlines()[0]
-        med = _interleaved_medians(fns, warmup, steps)
+        med, _ = interleaved_medians(fns, warmup, steps)
     base = med["base"]
     out: dict[str, Any] = {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median "
                                     f"of {steps} interleaved steps", "base ms/step": round(1000 * base, 2)}

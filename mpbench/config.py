@@ -146,6 +146,11 @@ def suites_dir() -> Path:
     return Path(os.environ.get("MPBENCH_SUITES", Path(__file__).resolve().parent.parent / "suites"))
 
 
+def env_opted_out(name: str) -> bool:
+    """An on-by-default feature switched off by its environment variable (``0``, ``false``, ``no`` or ``off``)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def schema_keys(cls: type = SuiteConfig, prefix: str = "") -> list[str]:
     """Every valid dotted key of the schema (for 'did you mean')."""
     out = []

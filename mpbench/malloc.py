@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
+
+from mpbench.config import env_opted_out
 
 _TUNED: dict[str, bool] = {}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -30,6 +31,5 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
 def tune_for_training() -> bool:
     """:func:`tune_malloc` once per process unless ``MPBENCH_MALLOC_TUNE=0``; whether it is in effect."""
     if "tuned" not in _TUNED:
-        off = os.environ.get("MPBENCH_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off")
-        _TUNED["tuned"] = False if off else tune_malloc()
+        _TUNED["tuned"] = False if env_opted_out("MPBENCH_MALLOC_TUNE") else tune_malloc()
     return _TUNED["tuned"]

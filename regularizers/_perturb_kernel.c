@@ -450,8 +450,6 @@ void mp_backward(const float *grad, const float *h, const float *z_in, const uin
 }
 
 /* dh[b, c] += sum_k w[b, c, k] * conv3x3^T(1[conv3x3(h[b, c]; kernel[k]) > 0]; kernel[k]): the gradient through the
- * batch statistics g of the scale function, w = dL/dg / (H W) */
-/* dh[b, c] += sum_k w[b, c, k] * conv3x3^T(1[conv3x3(h[b, c]; kernel[k]) > 0]; kernel[k]): the gradient through the
  * batch statistics g of the scale function, w = dL/dg / (H W); the indicators are the bits mp_stats stored */
 void mp_scale_backward(const uint8_t *masks, int B, int C, int H, int W, const float *phi, const float *w, float *dh,
                        int threads) {

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.autograd.function import once_differentiable
 
+from mpbench.config import env_opted_out
+
 if TYPE_CHECKING:
     from regularizers._perturb import PerturbFunction
 
@@ -105,7 +107,7 @@ def _build() -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("MPBENCH_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+    if env_opted_out("MPBENCH_NATIVE"):
         _STATE["why"] = "disabled by MPBENCH_NATIVE=0"
         return None
     try:
@@ -130,6 +132,11 @@ def library() -> ctypes.CDLL | None:
 
 def why_unavailable() -> str | None:
     return None if library() is not None else str(_STATE.get("why"))
+
+
+def describe() -> str:
+    """Which CPU execution runs, as results and benchmarks record it: ``native`` or ``pytorch (<why>)``."""
+    return "native" if library() is not None else f"pytorch ({why_unavailable()})"
 
 
 def applies(h: torch.Tensor) -> bool:

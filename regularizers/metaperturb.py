@@ -199,5 +199,5 @@ class MetaPerturb(Regularizer):
         out["resolved"] = dict(self.resolved)
         out["eval_deterministic"] = "expected multiplier (Gauss-Hermite)"
         # which execution drew the noise on the CPU (the native kernels' generator is not torch.randn's stream)
-        out["cpu_kernel"] = "native" if native.library() is not None else f"pytorch ({native.why_unavailable()})"
+        out["cpu_kernel"] = native.describe()
         return out
