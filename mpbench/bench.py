@@ -16,19 +16,15 @@ from torch import nn
 
 
 def _attach_metaperturb(model: nn.Module, impl: str, size: int) -> list[str]:
-    from mpbench.sites import insert, list_sites
-    from regularizers.metaperturb import PerturbFunction, PerturbSite, default_channel_norm
+    """MetaPerturb (random phi) at every block site of ``model`` as the variant ``impl`` runs it; the site names."""
+    from regularizers.metaperturb import attach_perturbation
 
-    sites = list_sites(model, "block")
-    channels = [s.channels for s in sites]
-    fn = PerturbFunction(num_sites=len(sites), channel_norm=default_channel_norm(channels), spatial_norm=size,
-                         channels=channels, impl="reference" if impl in ("reference", "release") else "fast")
-    fn.native = impl == "fast"        # "pytorch": the fast path without the native CPU kernels
-    # "release": the reference with phi still requiring gradients (not in the optimizer), as the authors' code runs
-    fn.phi_trainable = impl == "release"
-    for i, s in enumerate(sites):
-        insert(model, s.name, PerturbSite(fn, i, register=(i == 0)), key="metaperturb")
-    return [s.name for s in sites]
+    return attach_perturbation(
+        model, size, owner=f"bench metaperturb: {type(model).__name__}",
+        impl="reference" if impl in ("reference", "release") else "fast",
+        native=impl == "fast",           # "pytorch": the fast path without the native CPU kernels
+        # "release": the reference, phi still requiring gradients (not in the optimizer) as the authors' code runs
+        trainable=impl == "release").sites
 
 
 def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
@@ -113,9 +109,9 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
 
 
 def _cpu_kernel(device: str) -> str:
-    from regularizers import _perturb_native as native
+    from regularizers.metaperturb import cpu_kernel
 
-    return native.describe() if torch.device(device).type == "cpu" else "n/a"
+    return cpu_kernel() if torch.device(device).type == "cpu" else "n/a"
 
 
 def format_result(r: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ def _spec(methods: list[str], model: str, batch: int, steps: int) -> dict[str, A
 
 def fake_artifacts(kinds: tuple[str, ...], model: str, in_chans: int, root: Path) -> dict[str, Path]:
     """Stand-in stage outputs (random weights) for timing methods that need a pretrain or metatrain artifact."""
-    from mpbench.stages import save_tensors
+    from mpbench.store import save_tensors
 
     out = {}
     for kind in kinds:

@@ -58,7 +58,6 @@ class Claim:
         self.lock, self.heartbeat_s, self.stale_after_s = Path(lock), heartbeat_s, stale_after_s
         self.info = {"host": HOST, "pid": os.getpid(), "started": time.time(), **(info or {})}
         self.held = False
-        self.took_over: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -85,7 +84,6 @@ class Claim:
                 pass
             else:
                 grave.unlink(missing_ok=True)
-            self.took_over = claim
             self.held = self._write_new()
         if self.held:
             self._thread = threading.Thread(target=self._beat, daemon=True)

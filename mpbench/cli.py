@@ -1,6 +1,7 @@
 """The ``mpbench`` command line: run, status, report, list, data, bench."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -39,29 +40,41 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Benchmark regularizers (MetaPerturb and baselines) across architectures and datasets.
 
     Typical use: `mpbench run suite=quickstart`, then `mpbench report suite=quickstart`.
+
+    \b
+    Exit codes: 0 success, 1 some run failed, 2 usage or preflight error (nothing was written),
+    130 interrupted (rerun the same command to resume).
     """
     ctx.obj = {"debug": debug}
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="print the plan (stages, runs, what is already done) and exit")
+@click.option("--dry-run", is_flag=True, help="check and print the plan (stages, runs, what is already done); no training")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="with --dry-run: the plan as a table or as JSON")
 @click.option("--force", is_flag=True, help="rerun runs that are already done")
 @click.option("--retry-failed", is_flag=True, help="retry runs that failed in an earlier invocation")
 @click.option("--fail-fast", is_flag=True, help="stop the suite at the first failed run")
 @results_option
 @click.option("--data", "data", type=click.Path(), default=None,
               help="dataset directory (default: env MPBENCH_DATA, else a user cache dir)")
-def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bool, fail_fast: bool,
+def run(overrides: tuple[str, ...], dry_run: bool, fmt: str, force: bool, retry_failed: bool, fail_fast: bool,
         results: str | None, data: str | None) -> None:
     """Run a suite: `mpbench run suite=NAME [key=value ...]`.
 
     Every setting is a dotted key, e.g. train.steps=200 grid.seed=[0,1] grid.regularizer=[base,dropout]
-    launcher.name=pool launcher.slots=2. Finished runs are skipped, so rerunning resumes a sweep.
+    launcher.name=pool launcher.slots=2. Finished runs are skipped, so rerunning resumes a sweep. The whole plan
+    (names, values, datasets, stage files, launcher, results dir) is checked before anything trains; --dry-run
+    runs the same checks.
+
+    \b
+    Exit codes: 0 every job done, 1 some job failed (the summary says which and how to retry),
+    2 usage or preflight error (nothing was written), 130 interrupted (rerun to resume).
     """
     from mpbench.config import load_suite, parse_overrides
     from mpbench.launchers import Request, run_plan
-    from mpbench.plan import expand
+    from mpbench.preflight import preflight
     from mpbench.progress import SuiteProgress
     from mpbench.store import prepare_results_dir
 
@@ -69,17 +82,14 @@ def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bo
     if suite is None:
         raise UsageError("no suite given: `mpbench run suite=NAME` (see `mpbench list suites`)")
     cfg = load_suite(suite, rest)
-    plan = expand(cfg)
-    res = _results_dir(results)
-    from mpbench.launchers import validate_launcher
-
-    validate_launcher(cfg)
+    res, data_root = _results_dir(results), _data_dir(data)
+    plan = preflight(cfg, res, data_root)
     if dry_run:
-        _print_plan(plan, res)
+        _print_plan(plan, res, fmt)
         return
     res = prepare_results_dir(res)
     with SuiteProgress(len(plan.jobs), plan.suite, console=err_console) as prog:
-        req = Request(plan, cfg, res, _data_dir(data), force=force, fail_fast=fail_fast, retry_failed=retry_failed,
+        req = Request(plan, cfg, res, data_root, force=force, fail_fast=fail_fast, retry_failed=retry_failed,
                       progress=prog)
         outcomes = run_plan(req)
     err_console.print(prog.summary(), highlight=False)
@@ -94,35 +104,43 @@ def run(overrides: tuple[str, ...], dry_run: bool, force: bool, retry_failed: bo
         sys.exit(1)
 
 
-def _print_plan(plan, results: Path) -> None:
+def _print_plan(plan, results: Path, fmt: str) -> None:
+    rows = [{"kind": job.kind, "id": job.id, "state": job.dir(results).state() if job.dir(results).path.exists()
+             else "pending", "needs": job.deps} for job in plan.jobs]
+    if fmt == "json":
+        click.echo(json.dumps({"suite": plan.suite, "stages": len(plan.artifacts), "runs": len(plan.runs),
+                               "jobs": rows}, indent=1))
+        return
     table = Table(title=f"plan for suite {plan.suite}: {len(plan.artifacts)} stage(s), {len(plan.runs)} run(s)")
     for col in ("kind", "id", "state", "needs"):
         table.add_column(col, overflow="fold")
-    for job in plan.jobs:
-        rd = job.dir(results)
-        state = rd.state() if rd.path.exists() else "pending"
-        table.add_row(job.kind, job.id, state, ", ".join(job.deps))
+    for row in rows:
+        table.add_row(row["kind"], row["id"], row["state"], ", ".join(row["needs"]))
     console.print(table)
 
 
 @cli.command()
 @click.argument("overrides", nargs=-1)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json: a list with one object per suite (counts per state, the jobs not done)")
 @results_option
-def status(overrides: tuple[str, ...], results: str | None) -> None:
-    """Per suite: done / running / failed / pending runs; failed ones with their error line."""
-    from mpbench.status import suite_status
+def status(overrides: tuple[str, ...], fmt: str, results: str | None) -> None:
+    """Per suite: done / running / failed / pending runs; failed ones with their error line.
 
+    `mpbench status [suite=NAME | suite=path/to/NAME.yaml]`: all suites in the results dir when none is given.
+    """
     from mpbench.config import parse_overrides
+    from mpbench.status import suite_status
 
     suite, rest = parse_overrides(list(overrides))
     if rest:
         raise UsageError(f"status takes only suite=NAME, got {rest[0]!r}")
-    suite_status(_results_dir(results), suite, console)
+    suite_status(_results_dir(results), suite, console, fmt)
 
 
 @cli.command()
 @click.argument("overrides", nargs=-1)
-@click.option("--format", "fmt", type=click.Choice(["table", "latex", "markdown", "csv"]), default="table",
+@click.option("--format", "fmt", type=click.Choice(["table", "latex", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write to FILE instead of stdout")
 @results_option
@@ -155,13 +173,20 @@ def report(overrides: tuple[str, ...], fmt: str, out: str | None, results: str |
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["regularizers", "models", "datasets", "suites", "stages", "launchers"]))
+@click.argument("what", type=click.Choice(["regularizers", "models", "datasets", "suites", "evals", "jobs", "stages",
+                                           "launchers"]))
 @click.option("--sites", "sites_model", default=None, metavar="MODEL", help="with regularizers: insertion sites of MODEL")
-def list_(what: str, sites_model: str | None) -> None:
-    """List registered regularizers, models, datasets or suites with one-line descriptions."""
+@click.option("--format", "fmt", type=click.Choice(["table", "plain", "json"]), default=None,
+              help="table (default on a terminal), plain: one tab-separated line per entry (default when piped), "
+                   "json: a list of objects with the same fields")
+def list_(what: str, sites_model: str | None, fmt: str | None) -> None:
+    """List registered regularizers, models, datasets or suites with one-line descriptions.
+
+    Piped output is one unwrapped line per entry, so `mpbench list regularizers | grep dropout | cut -f1` works.
+    """
     from mpbench.listing import list_registry
 
-    list_registry(what, console, sites_model)
+    list_registry(what, console, sites_model, fmt)
 
 
 @cli.group()
@@ -172,21 +197,40 @@ def data() -> None:
 @data.command("prepare")
 @click.argument("name")
 @click.option("--data", "root", type=click.Path(), default=None, help="dataset directory")
-def data_prepare(name: str, root: str | None) -> None:
-    """Make dataset NAME available offline (or print how to get it)."""
+@click.option("--from", "source", type=click.Path(), default=None, metavar="FILE",
+              help="assets: copy this downloaded file (checked: sha256, parses) instead of downloading")
+def data_prepare(name: str, root: str | None, source: str | None) -> None:
+    """Make dataset or asset NAME available offline (or print how to get it).
+
+    Assets (e.g. metaperturb_official, the authors' phi) are downloaded unless MPBENCH_OFFLINE=1 is
+    set, or copied from --from FILE."""
+    from mpbench import assets
     from mpbench.data import DATASETS
 
-    console.print(DATASETS.get(name)().prepare(_data_dir(root)), highlight=False)
+    if name in assets.ASSETS:
+        msg = assets.prepare(name, Path(root) if root else None, Path(source) if source else None)
+    else:
+        dataset = assets.dataset_or_asset(name, DATASETS)
+        if source is not None:
+            raise UsageError(f"--from is not supported for datasets yet: place the files of dataset {name} under "
+                             f"the data dir (see `mpbench list datasets`) and run `mpbench data prepare {name}`")
+        msg = dataset().prepare(_data_dir(root))
+    console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
 @data.command("verify")
 @click.argument("name")
 @click.option("--data", "root", type=click.Path(), default=None, help="dataset directory")
 def data_verify(name: str, root: str | None) -> None:
-    """Check that dataset NAME's files are present and parse."""
+    """Check that dataset or asset NAME's files are present and parse (assets: sha256)."""
+    from mpbench import assets
     from mpbench.data import DATASETS
 
-    console.print(DATASETS.get(name)().verify(_data_dir(root)), highlight=False)
+    if name in assets.ASSETS:
+        msg = assets.verify(name, Path(root) if root else None)
+    else:
+        msg = assets.dataset_or_asset(name, DATASETS)().verify(_data_dir(root))
+    console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
 @cli.command()
@@ -243,7 +287,8 @@ def main() -> None:
     except MpbenchError as e:
         if debug:
             traceback.print_exc()
-        err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        for line in str(e).splitlines() or [type(e).__name__]:
+            err_console.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun the same command to resume", highlight=False)

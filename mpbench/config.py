@@ -1,8 +1,10 @@
 """Suites: YAML files validated against a typed schema, with ``key=value`` overrides (OmegaConf dotlist)."""
 from __future__ import annotations
 
+import importlib.resources
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,47 +46,6 @@ class DataConfig:
     channels: Optional[int] = None      # None = native; 3 makes grayscale sets 3-channel
     per_class: Optional[int] = None     # first N training images of each class (s-CIFAR100 = 50)
     classes: Optional[list[int]] = None  # class subset, relabelled in this order
-
-
-@dataclass
-class PretrainStage:
-    """Supervised training of the target architecture on a source dataset (for fine-tuning baselines)."""
-
-    file: Optional[str] = None          # use this model.pt (a state_dict of the target architecture) instead
-    dataset: str = "mnist5k"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass
-class MetatrainStage:
-    """Meta-training of MetaPerturb's perturbation function on class-disjoint source tasks."""
-
-    file: Optional[str] = None          # use this phi file instead of meta-training (e.g. the official release)
-    dataset: str = "mnist5k"
-    model: str = "resnet20"
-    split: str = "release"              # release (class groups halved into train/valid) | paper (class-wise splits)
-    groups: int = 2                     # number of class-disjoint groups
-    steps: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    clip: float = 100.0
-    inner_steps: int = 1
-    runs: int = 1                        # independent meta-training runs; the best phi on held-out data is kept
-    select_steps: Optional[int] = None   # training steps of the held-out selection (None = min(steps, 200))
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    checkpoint_every: int = 0            # meta-steps between resumable checkpoints; not identity
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class StagesConfig:
-    pretrain: PretrainStage = field(default_factory=PretrainStage)
-    metatrain: MetatrainStage = field(default_factory=MetatrainStage)
 
 
 @dataclass
@@ -131,10 +92,13 @@ class SuiteConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reg: dict[str, Any] = field(default_factory=dict)           # reg.<name>.<hparam>
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    stages: StagesConfig = field(default_factory=StagesConfig)
+    eval: list[str] = field(default_factory=lambda: ["classification"])   # evaluations (mpbench/evals/), in order
+    eval_settings: dict[str, Any] = field(default_factory=dict)  # eval_settings.<evaluation>.<setting>
+    stages: Any = None                                           # stages.<kind>: one section per stage job kind
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    source: Optional[str] = None        # the suite file, set by mpbench
 
 
 GRID_DEFAULTS: dict[str, Any] = {"regularizer": ["base"], "model": ["resnet20"], "dataset": ["synthetic"], "seed": [0]}
@@ -142,8 +106,33 @@ GRID_DEFAULTS: dict[str, Any] = {"regularizer": ["base"], "model": ["resnet20"],
 GRID_SECTIONS = ("train", "data", "reg", "model_kwargs")
 
 
+def source_checkout() -> Path | None:
+    """The source tree the imported ``mpbench`` package lives in (its parent directory holds the ``pyproject.toml``
+    of project ``mpbench``), or None for an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        meta = tomllib.loads((root / "pyproject.toml").read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    project = meta.get("project")
+    return root if isinstance(project, dict) and project.get("name") == "mpbench" else None
+
+
 def suites_dir() -> Path:
-    return Path(os.environ.get("MPBENCH_SUITES", Path(__file__).resolve().parent.parent / "suites"))
+    """Where suite names are looked up: ``$MPBENCH_SUITES``, else the suites shipped in the package (``mpbench.suites``,
+    which the build maps to the top-level ``suites/`` directory of the source tree)."""
+    env = os.environ.get("MPBENCH_SUITES")
+    if env:
+        return Path(env).expanduser()
+    try:
+        shipped = importlib.resources.files("mpbench.suites")
+    except ModuleNotFoundError:        # a source tree run without (re)installing: its suites/ directory
+        checkout = source_checkout()
+        if checkout is None:
+            raise UsageError("mpbench's suites are not installed (no package mpbench.suites): reinstall mpbench, "
+                             "or set MPBENCH_SUITES to a directory of suite files") from None
+        return checkout / "suites"
+    return Path(str(shipped))
 
 
 def env_opted_out(name: str) -> bool:
@@ -151,8 +140,18 @@ def env_opted_out(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def schema_keys(cls: type = SuiteConfig, prefix: str = "") -> list[str]:
+def suite_schema() -> type:
+    """``SuiteConfig`` with ``stages`` typed by the registered stage job kinds (``stages.<kind>`` sections)."""
+    from mpbench.jobs import stage_kinds
+
+    stages = make_dataclass("StagesConfig", [(k.name, k.config, field(default_factory=k.config))
+                                             for k in stage_kinds()])
+    return make_dataclass("Suite", [("stages", stages, field(default_factory=stages))], bases=(SuiteConfig,))
+
+
+def schema_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     """Every valid dotted key of the schema (for 'did you mean')."""
+    cls = cls or suite_schema()
     out = []
     for f in fields(cls):
         key = f"{prefix}{f.name}"
@@ -188,7 +187,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def find_suite(name: str) -> Path:
-    """A suite name in ``suites/`` or a path to a YAML file."""
+    """A suite name (a file in :func:`suites_dir`) or a path to a YAML file."""
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         return Path(name)
     path = suites_dir() / f"{name}.yaml"
@@ -217,7 +216,7 @@ def load_suite(name: str, overrides: list[str] = ()) -> DictConfig:
     path = find_suite(name)
     raw = load_yaml(path)
     raw.setdefault("name", path.stem)
-    schema = OmegaConf.structured(SuiteConfig)
+    schema = OmegaConf.structured(suite_schema())
     try:
         cfg = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as e:
@@ -228,34 +227,35 @@ def load_suite(name: str, overrides: list[str] = ()) -> DictConfig:
         raise _explain(e, "override") from None
     except Exception as e:  # the dotlist grammar
         raise UsageError(f"override: cannot parse {list(overrides)}: {e}") from None
+    cfg.source = str(path.resolve())
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
         raise UsageError(f"{key}={value!r} is not valid: {did_you_mean(value, options)}")
 
 
-def _check_positive(key: str, value: Any, allow_zero: bool = False) -> None:
+def check_positive(key: str, value: Any, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def validate_train(t: Any, prefix: str = "train") -> None:
-    _check_positive(f"{prefix}.steps", t.steps)
-    _check_positive(f"{prefix}.batch_size", t.batch_size)
-    _check_positive(f"{prefix}.lr", t.lr)
-    _check_positive(f"{prefix}.eval_every", t.eval_every, allow_zero=True)
-    _check_positive(f"{prefix}.eval_batch_size", t.eval_batch_size)
-    _check_positive(f"{prefix}.weight_decay", t.weight_decay, allow_zero=True)
-    _check_choice(f"{prefix}.optimizer", t.optimizer, ("adam", "sgd"))
-    _check_choice(f"{prefix}.schedule", t.schedule, ("multistep", "cosine", "constant"))
-    _check_positive(f"{prefix}.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    check_positive(f"{prefix}.steps", t.steps)
+    check_positive(f"{prefix}.batch_size", t.batch_size)
+    check_positive(f"{prefix}.lr", t.lr)
+    check_positive(f"{prefix}.eval_every", t.eval_every, allow_zero=True)
+    check_positive(f"{prefix}.eval_batch_size", t.eval_batch_size)
+    check_positive(f"{prefix}.weight_decay", t.weight_decay, allow_zero=True)
+    check_choice(f"{prefix}.optimizer", t.optimizer, ("adam", "sgd"))
+    check_choice(f"{prefix}.schedule", t.schedule, ("multistep", "cosine", "constant"))
+    check_positive(f"{prefix}.checkpoint_every", t.checkpoint_every, allow_zero=True)
     for p in ("eval_passes", "final_eval_passes"):
         if t[p] is not None:
-            _check_positive(f"{prefix}.{p}", t[p])
+            check_positive(f"{prefix}.{p}", t[p])
 
 
 def grid_of(cfg: DictConfig) -> dict[str, list[Any]]:
@@ -282,15 +282,15 @@ def grid_of(cfg: DictConfig) -> dict[str, list[Any]]:
 def validate(cfg: DictConfig) -> None:
     """Semantic checks beyond types; registry names are checked by the planner."""
     validate_train(cfg.train)
-    validate_train(cfg.stages.pretrain.train, "stages.pretrain.train")
-    _check_choice("launcher.name", cfg.launcher.name, ("local", "pool", "slurm"))
-    _check_choice("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
-    _check_positive("launcher.slots", cfg.launcher.slots)
-    _check_positive("launcher.threads", cfg.launcher.threads, allow_zero=True)
-    _check_positive("launcher.max_retries", cfg.launcher.max_retries, allow_zero=True)
-    _check_choice("stages.metatrain.split", cfg.stages.metatrain.split, ("release", "paper"))
-    _check_positive("stages.metatrain.steps", cfg.stages.metatrain.steps)
-    _check_positive("stages.metatrain.runs", cfg.stages.metatrain.runs)
+    check_choice("launcher.name", cfg.launcher.name, ("local", "pool", "slurm"))
+    check_choice("wandb.mode", cfg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    check_positive("launcher.slots", cfg.launcher.slots)
+    check_positive("launcher.threads", cfg.launcher.threads, allow_zero=True)
+    check_positive("launcher.max_retries", cfg.launcher.max_retries, allow_zero=True)
+    from mpbench.jobs import stage_kinds
+
+    for kind in stage_kinds():
+        kind.validate(cfg.stages[kind.name], f"stages.{kind.name}")
     valid_grid = set(GRID_DEFAULTS) | {k for k in schema_keys() if k.split(".")[0] in ("train", "data")}
     for key in grid_of(cfg):
         section = key.split(".")[0]

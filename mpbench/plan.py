@@ -4,6 +4,7 @@ A run's identity is a hash of its resolved spec (not of the suite), so runs shar
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -16,7 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mpbench.config import grid_of
-from mpbench.errors import UsageError, did_you_mean
+from mpbench.errors import DataMissingError, PreflightError, UsageError, did_you_mean
+from mpbench.evals import resolve_evals
+from mpbench.jobs import JOB_KINDS, JobKind, stage_kinds
 from mpbench.regularization import REGULARIZERS, RegularizerStack, resolve_hparams
 from mpbench.store import RunDir, check_id
 
@@ -27,7 +30,7 @@ class Job:
 
     id: str
     slug: str
-    kind: str                                   # run | pretrain | metatrain
+    kind: str                                   # a registered job kind: run | pretrain | metatrain | ...
     spec: dict[str, Any]
     deps: list[str] = field(default_factory=list)   # artifact ids this job needs
 
@@ -53,7 +56,12 @@ NOT_IDENTITY = ("checkpoint_every",)   # (train.)keys that change how a run exec
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``spec`` without execution keys; a stage file counts by its content hash
+    only (``file:<path>#<sha>`` -> ``file#<sha>``), so the same file at another path is the same run."""
     spec = {k: v for k, v in spec.items() if k not in NOT_IDENTITY}
+    if isinstance(spec.get("artifacts"), dict):
+        spec["artifacts"] = {k: ("file#" + v.rsplit("#", 1)[-1]) if str(v).startswith("file:") else v
+                             for k, v in spec["artifacts"].items()}
     if isinstance(spec.get("train"), dict):
         spec["train"] = {k: v for k, v in spec["train"].items() if k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
@@ -102,40 +110,16 @@ def check_compatibility(spec: dict[str, Any], source) -> None:
         REGULARIZERS.get(name).check(model, ctx)
 
 
-def _stage_job(kind: str, spec: dict[str, Any]) -> Job:
-    slug = f"{kind}-{spec['model']}-{spec['dataset']}"
-    return Job(f"{slug}-{spec_hash(spec)[:8]}", slug, kind, spec)
+def artifact_file_ref(path: str, suite_dir: Path | str | None = None, data_root: Path | str | None = None,
+                      key: str = "stages.<kind>.file") -> str:
+    """A stage output given as a file: ``file:<absolute path>#<sha256 prefix>`` (content is part of the identity).
 
+    ``path`` is an asset name (``mpbench data prepare NAME`` stores it under ``data_root``), an absolute path, or a
+    path relative to ``suite_dir`` (the suite file's directory), then to the working directory."""
+    from mpbench.assets import resolve_stage_file
 
-def pretrain_spec(cfg: DictConfig, run: dict[str, Any], in_chans: int) -> dict[str, Any]:
-    st = OmegaConf.to_container(cfg.stages.pretrain, resolve=True)
-    st.pop("file")
-    _check_dataset(st["dataset"])
-    st["data"]["channels"] = st["data"]["channels"] or in_chans   # same architecture: same input channels
-    return {"regularizer": ["base"], "model": run["model"], "model_kwargs": run["model_kwargs"],
-            "dataset": st["dataset"], "data": st["data"], "seed": st["seed"], "train": st["train"], "reg": {},
-            "artifacts": {}}
-
-
-def metatrain_spec(cfg: DictConfig) -> dict[str, Any]:
-    st = OmegaConf.to_container(cfg.stages.metatrain, resolve=True)
-    st.pop("file")
-    _check_dataset(st["dataset"])
-    _check_model(st["model"])
-    return st
-
-
-def artifact_file_ref(path: str) -> str:
-    """A stage output given as a file: ``file:<absolute path>#<sha256 prefix>`` (content is part of the identity)."""
-    from mpbench.config import suites_dir
-
-    p = Path(path).expanduser()
-    if not p.is_absolute() and not p.exists():          # relative paths: to the working dir, else the project root
-        p = suites_dir().parent / p
-    p = p.resolve()
-    if not p.is_file():
-        raise UsageError(f"stage file {path} not found: fix stages.<kind>.file (absolute, or relative to the "
-                         f"working dir or the project root)")
+    p = resolve_stage_file(str(path), Path(suite_dir) if suite_dir is not None else None,
+                           Path(data_root) if data_root is not None else None, key=key)
     return f"file:{p}#{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}"
 
 
@@ -146,69 +130,145 @@ def artifact_path(results: Path, kind: str, ref: str) -> Path:
     return RunDir(results, kind, ref).path
 
 
-def expand(cfg: DictConfig) -> Plan:
-    """Cross the grid into run specs, validate every registry name, and attach stage artifacts."""
+def _stage_job(kind: type[JobKind], spec: dict[str, Any]) -> Job:
+    slug = kind.slug(spec)
+    return Job(f"{slug}-{spec_hash(spec)[:8]}", slug, kind.name, spec)
+
+
+class _Problems:
+    """Usage errors collected over the whole plan (one line each, first occurrence order)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, None] = {}
+
+    @contextlib.contextmanager
+    def collect(self):
+        try:
+            yield
+        except (UsageError, DataMissingError) as e:
+            self.lines.setdefault(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise PreflightError(list(self.lines))
+
+
+def _stage_refs(cfg: DictConfig, data_root: Path | None, problems: _Problems) -> dict[str, str]:
+    """``stages.<kind>.file`` given: kind -> ``file:`` reference, the file checked as that kind's payload."""
+    suite_dir = Path(cfg.source).parent if cfg.get("source") else None
+    refs = {}
+    for kind in stage_kinds():
+        given = cfg.stages[kind.name].get("file")
+        if given:
+            with problems.collect():
+                ref = artifact_file_ref(given, suite_dir, data_root, key=f"stages.{kind.name}.file")
+                kind.check_file(artifact_path(Path("."), kind.name, ref))
+                refs[kind.name] = ref
+    return refs
+
+
+def _run_spec(cfg: DictConfig, base: dict[str, Any], reg_cfg: dict[str, Any], point: dict[str, Any]
+              ) -> tuple[dict[str, Any], Any]:
+    """The resolved spec of one grid point (artifacts not attached yet) and its dataset source."""
+    spec = copy.deepcopy(base)
+    reg_over = copy.deepcopy(reg_cfg)
+    for k, v in point.items():
+        if k.startswith("reg."):
+            _set_dotted(reg_over, k[4:], v)
+        else:
+            _set_dotted(spec, k, v)
+    names = spec["regularizer"]
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        REGULARIZERS.entry(n)
+    RegularizerStack.check_composition(names)
+    _check_model(spec["model"])
+    source = _check_dataset(spec["dataset"])
+    spec["regularizer"] = names
+    spec["seed"] = int(spec["seed"])
+    spec["reg"] = {n: resolve_hparams(n, reg_over.get(n)) for n in names}
+    spec["artifacts"] = {}
+    return spec, source
+
+
+def _attach_stages(cfg: DictConfig, spec: dict[str, Any], source, refs: dict[str, str],
+                   artifacts: dict[str, Job]) -> None:
+    """Fill ``spec["artifacts"]`` with the stage outputs its methods need (a stage job, or a given file)."""
+    needs = sorted({k for n in spec["regularizer"] for k in REGULARIZERS.get(n).requires_for(spec["reg"][n])})
+    for name in needs:
+        if name in refs:
+            spec["artifacts"][name] = refs[name]
+            continue
+        if name not in JOB_KINDS or not JOB_KINDS.get(name).is_stage():
+            raise UsageError(f"a regularizer of {spec['regularizer']} needs unknown stage {name!r}: "
+                             f"{did_you_mean(name, [k.name for k in stage_kinds()])}")
+        kind = JOB_KINDS.get(name)
+        section = OmegaConf.to_container(cfg.stages[name], resolve=True)
+        section.pop("file", None)
+        stage = kind.stage_spec(section, spec, spec["data"]["channels"] or source.channels)
+        for dataset in kind.datasets(stage):
+            _check_dataset(dataset)
+        for model in kind.models(stage):
+            _check_model(model)
+        job = _stage_job(kind, stage)
+        artifacts.setdefault(job.id, job)
+        spec["artifacts"][name] = job.id
+
+
+def expand(cfg: DictConfig, data_root: Path | None = None, problems: list[str] | None = None) -> Plan:
+    """Cross the grid into run specs, validate every name and value, and attach stage artifacts.
+
+    Every problem of the whole plan is collected: raised at once (``PreflightError``, one line each), or, when
+    a ``problems`` list is given, appended to it (the plan then holds the jobs that did resolve)."""
+    found = _Problems()
+    plan = _expand(cfg, data_root, found)
+    if problems is None:
+        found.raise_if_any()
+    else:
+        problems.extend(found.lines)
+    return plan
+
+
+def _expand(cfg: DictConfig, data_root: Path | None, problems: _Problems) -> Plan:
     grid = grid_of(cfg)
     base = {
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "model_kwargs": OmegaConf.to_container(cfg.model_kwargs, resolve=True),
     }
+    with problems.collect():
+        base["eval"] = resolve_evals(list(cfg.eval), OmegaConf.to_container(cfg.eval_settings, resolve=True))
     reg_cfg = OmegaConf.to_container(cfg.reg, resolve=True)
     for name, given in reg_cfg.items():
-        if not isinstance(given, dict):
-            raise UsageError(f"reg.{name} must map hparams to values (e.g. reg.{name}.p=0.1), got {given!r}")
-        resolve_hparams(name, given)              # unknown method or hparam: usage error now, not mid-sweep
+        with problems.collect():
+            if not isinstance(given, dict):
+                raise UsageError(f"reg.{name} must map hparams to values (e.g. reg.{name}.p=0.1), got {given!r}")
+            resolve_hparams(name, given)              # unknown method, hparam or bad value: now, not mid-sweep
     keys = list(grid)
     excludes = OmegaConf.to_container(cfg.exclude, resolve=True)
     for ex in excludes:
         unknown = [k for k in ex if k not in grid]
         if unknown:
-            raise UsageError(f"exclude names {unknown[0]!r}, which is not a grid key: {did_you_mean(unknown[0], grid)}")
+            problems.lines.setdefault(f"exclude names {unknown[0]!r}, which is not a grid key: "
+                                      f"{did_you_mean(unknown[0], grid)}")
+    with problems.collect():
+        check_id(cfg.name, "suite name")
+    refs = _stage_refs(cfg, data_root, problems)
     artifacts: dict[str, Job] = {}
     runs: dict[str, Job] = {}
+    run_kind = JOB_KINDS.get("run")
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values))
         if any(all(point[k] == v for k, v in ex.items()) for ex in excludes):
             continue
-        spec = copy.deepcopy(base)
-        reg_over = copy.deepcopy(reg_cfg)
-        for k, v in zip(keys, values):
-            if k.startswith("reg."):
-                _set_dotted(reg_over, k[4:], v)
-            else:
-                _set_dotted(spec, k, v)
-        names = spec["regularizer"]
-        names = [names] if isinstance(names, str) else list(names)
-        for n in names:
-            REGULARIZERS.entry(n)
-        RegularizerStack.check_composition(names)
-        _check_model(spec["model"])
-        source = _check_dataset(spec["dataset"])
-        spec["regularizer"] = names
-        spec["seed"] = int(spec["seed"])
-        spec["reg"] = {n: resolve_hparams(n, reg_over.get(n)) for n in names}
-        spec["artifacts"] = {}
-        needs = sorted({k for n in names for k in REGULARIZERS.get(n).requires_for(spec["reg"][n])})
-        for kind in needs:
-            given = cfg.stages[kind].get("file") if kind in cfg.stages else None
-            if given:
-                spec["artifacts"][kind] = artifact_file_ref(given)
-                continue
-            if kind == "pretrain":
-                job = _stage_job(kind, pretrain_spec(cfg, spec, spec["data"]["channels"] or source.channels))
-            elif kind == "metatrain":
-                job = _stage_job(kind, metatrain_spec(cfg))
-            else:
-                raise UsageError(f"regularizer needs unknown stage {kind!r}")
-            artifacts.setdefault(job.id, job)
-            spec["artifacts"][kind] = job.id
-        spec = {k: spec[k] for k in sorted(spec)}
-        check_compatibility(spec, source)
-        slug = f"{'+'.join(names)}-{spec['model']}-{spec['dataset']}-s{spec['seed']}"
-        deps = [a for a in spec["artifacts"].values() if not a.startswith("file:")]
-        job = Job(f"{slug}-{spec_hash(spec)[:8]}", slug, "run", spec, deps=deps)
-        runs.setdefault(job.id, job)
+        with problems.collect():
+            spec, source = _run_spec(cfg, base, reg_cfg, point)
+            _attach_stages(cfg, spec, source, refs, artifacts)
+            spec = {k: spec[k] for k in sorted(spec)}
+            check_compatibility(spec, source)
+            slug = run_kind.slug(spec)
+            deps = [a for a in spec["artifacts"].values() if not a.startswith("file:")]
+            job = Job(f"{slug}-{spec_hash(spec)[:8]}", slug, "run", spec, deps=deps)
+            runs.setdefault(job.id, job)
     report = OmegaConf.to_container(cfg.report, resolve=True)
-    check_id(cfg.name, "suite name")
     return Plan(cfg.name, cfg.description, list(artifacts.values()), list(runs.values()), report)

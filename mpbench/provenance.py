@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import platform
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,17 +11,24 @@ import torch
 
 @functools.cache
 def git_info() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    """The git SHA (+dirty) of the mpbench checkout the imported package lives in; ``source: installed`` and no SHA
+    for an installed wheel (never the SHA of whatever repository the working directory or site-packages is in)."""
+    from mpbench.config import source_checkout
+
+    root = source_checkout()
+    if root is None or not (root / ".git").exists():
+        return {"sha": "unknown", "dirty": False, "source": "installed" if root is None else "source tree"}
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
 
     try:
         sha = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", False
-    return {"sha": sha or "unknown", "dirty": dirty}
+    return {"sha": sha or "unknown", "dirty": dirty, "source": "checkout"}
 
 
 @functools.cache

@@ -46,6 +46,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (tests that register a plugin for their own duration)."""
+        self._entries.pop(name, None)
+
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self._loaded = True

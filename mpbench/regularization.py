@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import pkgutil
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -27,7 +26,8 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from mpbench.errors import IncompatibleError, UsageError, did_you_mean
+from mpbench.errors import IncompatibleError
+from mpbench.hparams import Hparam, resolve
 from mpbench.registry import Registry, import_plugins
 
 
@@ -49,15 +49,6 @@ def register_regularizer(name: str, description: str = "") -> Callable[[type], t
         return REGULARIZERS.register(name, description=description, citation=cls.citation)(cls)
 
     return deco
-
-
-@dataclass(frozen=True)
-class Hparam:
-    """A hyperparameter: its default and (for random search) a sampler over its range."""
-
-    default: Any
-    sample: Callable[[random.Random], Any] | None = None
-    help: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +107,10 @@ class Regularizer:
         return cls.requires
 
     @classmethod
+    def check_hparams(cls, hp: dict[str, Any]) -> None:
+        """Raise UsageError for a combination of values that each ``Hparam.check`` accepts alone (plan time)."""
+
+    @classmethod
     def check(cls, model: nn.Module, ctx: RunContext) -> None:
         """Raise IncompatibleError if this method cannot work on ``model``."""
 
@@ -167,13 +162,10 @@ class Regularizer:
 
 
 def resolve_hparams(name: str, given: dict[str, Any] | None) -> dict[str, Any]:
-    """Defaults of ``name`` updated with ``given``; an unknown hparam is a usage error."""
+    """Defaults of ``name`` updated with ``given``, every value checked; a bad name or value is a usage error."""
     cls = REGULARIZERS.get(name)
-    out = {k: v.default for k, v in cls.hparams.items()}
-    for k, v in (given or {}).items():
-        if k not in cls.hparams:
-            raise UsageError(f"unknown hparam reg.{name}.{k}: {did_you_mean(k, cls.hparams)}")
-        out[k] = v
+    out = resolve(f"reg.{name}", cls.hparams, given, noun="hparam")
+    cls.check_hparams(out)
     return out
 
 
@@ -197,10 +189,6 @@ class RegularizerStack:
                 if claim in seen:
                     raise IncompatibleError(f"{seen[claim]} and {c.name} both claim {claim!r}: use only one of them")
                 seen[claim] = c.name
-
-    @property
-    def requires(self) -> set[str]:
-        return {k for m in self.members for k in m.requires}
 
     def attach(self, model: nn.Module) -> None:
         for m in self.members:

@@ -1,6 +1,7 @@
 """Aggregate runs into ``mean ± 95 % CI`` cells and render them as text, LaTeX, Markdown or CSV."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,27 +11,16 @@ import pandas as pd
 from scipy import stats
 
 from mpbench.errors import UsageError, did_you_mean
-from mpbench.results import load_runs, load_suite
+from mpbench.evals import metric_info
+from mpbench.results import load_runs, load_suite, metric_columns
 
-FORMATS = ("table", "latex", "markdown", "csv")
-PERCENT = {"acc", "acc_det", "ece", "ece_det"}           # stored in [0, 1], shown in %
-HIGHER_IS_BETTER = {"acc", "acc_det", "images_per_s"}
-LOWER_IS_BETTER = {"nll", "nll_det", "ece", "ece_det", "wall_time_s"}
-DECIMALS = {"wall_time_s": 1, "images_per_s": 0, "steps": 0}
+FORMATS = ("table", "latex", "markdown", "csv", "json")
 DASH = "–"
 MAX_LISTED = 10
 
 
-def unit(metric: str) -> str:
-    return "%" if metric in PERCENT else ""
-
-
 def label(metric: str) -> str:
-    return f"{metric} (%)" if metric in PERCENT else metric
-
-
-def decimals(metric: str) -> int:
-    return 2 if metric in PERCENT else DECIMALS.get(metric, 3)
+    return metric_info(metric).label
 
 
 def ci95(values: np.ndarray) -> float:
@@ -55,8 +45,8 @@ def aggregate(df: pd.DataFrame, rows: list[str], columns: list[str], metric: str
         if key not in df.columns:
             raise UsageError(f"unknown report key {key!r}: {did_you_mean(key, df.columns)}")
     if not pd.api.types.is_numeric_dtype(df[metric]):
-        raise UsageError(f"metric {metric!r} is not numeric: pick one of acc, nll, ece, acc_det, nll_det, ece_det")
-    scale = 100.0 if metric in PERCENT else 1.0
+        raise UsageError(f"metric {metric!r} is not a scalar: pick one of {', '.join(metric_columns())}")
+    scale = metric_info(metric).scale
     df = df.copy()
     for key in [*rows, *columns]:  # unknown key values (e.g. a missing run without a spec) group as "?"
         if df[key].isna().any():
@@ -84,12 +74,13 @@ def aggregate(df: pd.DataFrame, rows: list[str], columns: list[str], metric: str
 
 def _best(agg: pd.DataFrame, columns: list[str], metric: str) -> pd.Series:
     """True where the mean is the numerically best of its table column (ties all True; unranked metric: none)."""
-    if metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER or agg.empty:
+    direction = metric_info(metric).direction
+    if direction is None or agg.empty:
         return pd.Series(False, index=agg.index)
     means = agg["mean"].astype(float)
     groups = means.groupby([agg[c] for c in columns], sort=False, dropna=False) if columns else means.groupby(
         lambda _: 0)
-    best = groups.transform("max" if metric in HIGHER_IS_BETTER else "min")
+    best = groups.transform("max" if direction == "higher" else "min")
     return means.eq(best) & means.notna()
 
 
@@ -126,7 +117,7 @@ def cell_text(mean: float, ci: float, n: int, expected: int, dec: int, *, pm: st
 def cells(agg: pd.DataFrame, metric: str, **kw: str) -> pd.DataFrame:
     """Wide frame of formatted cell strings."""
     parts = [_wide(agg, f, metric) for f in ("mean", "ci", "n", "n_expected")]
-    dec = decimals(metric)
+    dec = metric_info(metric).decimals
     out = parts[0].copy()
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
@@ -166,16 +157,22 @@ def _to_latex(agg: pd.DataFrame, metric: str, footer: dict[str, str]) -> str:
 
 
 def render(agg: pd.DataFrame, fmt: str, *, metric: str, footer: dict[str, str]) -> str:
-    """The table as ``table`` (plain text), ``latex`` (booktabs), ``markdown`` or ``csv`` (long form)."""
+    """The table as ``table`` (plain text), ``latex`` (booktabs), ``markdown``, ``csv`` (long form) or ``json``."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown report format {fmt!r}: {did_you_mean(fmt, FORMATS)}")
     if fmt == "csv":
         long = agg.drop(columns=["failed_ids", "pooled"])
-        long.insert(0, "unit", unit(metric))
+        long.insert(0, "unit", metric_info(metric).unit)
         long.insert(0, "metric", metric)
         return long.reset_index().to_csv(index=False, float_format="%.6g", lineterminator="\n")
     if fmt == "latex":
         return _to_latex(agg, metric, footer)
+    if fmt == "json":
+        info = metric_info(metric)
+        cells_ = json.loads(agg.drop(columns=["pooled"]).reset_index().to_json(orient="records", double_precision=6))
+        return json.dumps({"metric": metric, "display": info.display, "unit": info.unit, "direction": info.direction,
+                           "rows": agg.attrs["rows"], "columns": agg.attrs["columns"], "cells": cells_,
+                           "footer": footer}, indent=1)
     disp, mask = cells(agg, metric), best_mask(agg, metric)
     if fmt == "markdown":
         disp = disp.mask(mask, "**" + disp.astype(str) + "**")

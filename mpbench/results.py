@@ -10,31 +10,31 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mpbench.errors import UsageError
+from mpbench.errors import UsageError, one_line
+from mpbench.evals import RUN_METRICS, all_metrics
 
 try:  # the store module owns the on-disk schema version
     from mpbench.store import SCHEMA_VERSION
 except ImportError:  # pragma: no cover - store not written yet
     SCHEMA_VERSION = 1
 
-METRICS = ("acc", "nll", "ece", "acc_det", "nll_det", "ece_det")
 STATES = ("done", "failed", "running", "pending", "missing")
-BASE_COLUMNS = ["id", "slug", "regularizer", "model", "dataset", "seed", "state", "error", *METRICS,
-                "eval_protocol", "steps", "git_sha", "git_dirty", "wall_time_s", "images_per_s"]
+RUN_STATS = tuple(m.name for m in RUN_METRICS)            # wall_time_s, images_per_s, steps (result.json top level)
+
+
+def metric_columns() -> list[str]:
+    """The declared scalar metrics of every registered evaluation (columns even of an empty frame)."""
+    return [n for n, m in all_metrics().items() if m.kind == "scalar" and n not in RUN_STATS]
+
+
+def base_columns() -> list[str]:
+    return ["id", "slug", "regularizer", "model", "dataset", "seed", "state", "error", *metric_columns(),
+            "eval_protocol", "git_sha", "git_dirty", *RUN_STATS]
 _ID_RE = re.compile(r"^(?P<regs>[^-]+)-(?P<model>.+)-(?P<dataset>[^-]+)-s(?P<seed>\d+)(?:-[0-9a-f]{8})?$")
 
 
 class Unreadable(Exception):
     """A run-dir file exists but cannot be used (bad JSON/YAML, newer schema)."""
-
-
-def one_line(text: Any, limit: int = 200) -> str | None:
-    """First non-empty line of ``text``, shortened to ``limit`` characters (None stays None)."""
-    if text is None:
-        return None
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _read(path: Path, parse: Any, errors: tuple[type[BaseException], ...]) -> dict | None:
@@ -44,7 +44,7 @@ def _read(path: Path, parse: Any, errors: tuple[type[BaseException], ...]) -> di
     try:
         data = parse(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, *errors) as e:
-        raise Unreadable(f"{path.name}: {one_line(e)}") from None
+        raise Unreadable(f"{path.name}: {one_line(e, 200)}") from None
     if not isinstance(data, dict):
         raise Unreadable(f"{path.name}: not a mapping")
     return data
@@ -103,17 +103,17 @@ def _num(value: Any) -> float:
 def _error_line(run_dir: Path, status: dict | None) -> str | None:
     """The one-line failure reason: status.json ``error`` or the last line of error.txt."""
     if status and status.get("error"):
-        return one_line(status["error"])
+        return one_line(status["error"], 200)
     err = run_dir / "error.txt"
     if err.exists():
         lines = [ln for ln in err.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        return one_line(lines[-1]) if lines else None
+        return one_line(lines[-1], 200) if lines else None
     return None
 
 
 def _empty_row(run_id: str, spec: dict | None, state: str, error: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {c: None for c in BASE_COLUMNS}
-    row.update({m: math.nan for m in (*METRICS, "steps", "wall_time_s", "images_per_s")})
+    row: dict[str, Any] = {c: None for c in base_columns()}
+    row.update({m: math.nan for m in (*metric_columns(), *RUN_STATS)})
     row.update(id=run_id, state=state, error=error, **_identity(run_id, spec))
     row["slug"] = re.sub(r"-[0-9a-f]{8}$", "", run_id)
     if spec:
@@ -142,10 +142,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if done:
         final = result.get("final") or {}
         git = result.get("git") or {}
-        row.update({m: _num(final.get(m)) for m in METRICS})
-        row.update(eval_protocol=result.get("eval_protocol"), steps=_num(result.get("steps")),
-                   git_sha=git.get("sha"), git_dirty=git.get("dirty"),
-                   wall_time_s=_num(result.get("wall_time_s")), images_per_s=_num(result.get("images_per_s")))
+        row.update({k: v if isinstance(v, (list, dict)) else _num(v) for k, v in final.items()})   # every key
+        row.update({m: _num(result.get(m)) for m in RUN_STATS})
+        row.update(eval_protocol=result.get("eval_protocol"), git_sha=git.get("sha"), git_dirty=git.get("dirty"))
     return row
 
 
@@ -178,13 +177,14 @@ def load_runs(results_dir: Path, run_ids: list[str] | None = None
             except Unreadable:
                 spec = None
             rows.append(_empty_row(name, spec, "missing", f"unreadable: {e}"))
+    base = base_columns()
     df = pd.DataFrame(rows)
     if df.empty:
-        df = pd.DataFrame(columns=BASE_COLUMNS)
-    extra = sorted(c for c in df.columns if c not in BASE_COLUMNS)
-    df = df[BASE_COLUMNS + extra]
+        df = pd.DataFrame(columns=base)
+    extra = sorted(c for c in df.columns if c not in base)
+    df = df[base + extra]
     df["seed"] = df["seed"].astype("Int64")
-    for col in (*METRICS, "steps", "wall_time_s", "images_per_s"):
+    for col in (*metric_columns(), *RUN_STATS):
         df[col] = df[col].astype("float64")
     return df.reset_index(drop=True), skipped
 
@@ -197,7 +197,7 @@ def load_suite(results_dir: Path, name: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"suite record {path} is unreadable ({one_line(e)}): rerun `mpbench run suite={name}`")
+        raise UsageError(f"suite record {path} is unreadable ({one_line(e, 200)}): rerun `mpbench run suite={name}`")
     if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
         raise UsageError(f"suite record {path} is malformed: rerun `mpbench run suite={name}`")
     return data

@@ -17,13 +17,13 @@ from typing import Any, Callable
 import torch
 
 from mpbench.claim import Claim, slurm_job_id
-from mpbench.errors import MpbenchError, RunFailed
+from mpbench.errors import MpbenchError, RunFailed, describe_error
+from mpbench.jobs import JOB_KINDS, JobKind
 from mpbench.malloc import tune_for_training
 from mpbench.plan import artifact_path
 from mpbench.provenance import device_name, git_info, versions
-from mpbench.stages import STAGES, save_tensors
-from mpbench.store import SCHEMA_VERSION, RunDir
-from mpbench.train import Interrupted, RunHooks, build, train_loop
+from mpbench.store import SCHEMA_VERSION, RunDir, atomic_write, save_tensors, write_json
+from mpbench.train import Interrupted, RunHooks
 
 def is_transient(e: BaseException) -> bool:
     """Failures worth retrying (launcher.max_retries): I/O, out of memory, CUDA/NCCL hiccups."""
@@ -91,16 +91,9 @@ def _resolve_artifacts(results: Path, spec: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
-def _train_target(spec: dict[str, Any], rd: RunDir, ex: Execution) -> dict[str, Any]:
-    setup = build(spec, ex.data_root, ex.device, ex.artifacts)
-    out = train_loop(setup, spec, ex.device, ex.hooks)
-    return {**out, "regularizers": setup.stack.describe(), "eval_protocol": setup.stack.eval_protocol.describe()}
-
-
 def execute(results: Path, kind: str, run_id: str, ex: Execution, force: bool = False) -> str:
     rd = RunDir(results, kind, run_id)
     cfg = rd.read_config()
-    spec = cfg["spec"]
     if rd.is_done and not force:
         return "skipped"
     claim = Claim(rd.lock_file, ex.heartbeat_s, ex.stale_after_s, {"slurm_job_id": slurm_job_id()})
@@ -111,96 +104,111 @@ def execute(results: Path, kind: str, run_id: str, ex: Execution, force: bool = 
             return "skipped"
         if force:
             rd.reset()
-        return _execute_claimed(rd, cfg, spec, ex)
+        return _execute_claimed(rd, cfg, ex)
     finally:
         claim.release()
 
 
-def _execute_claimed(rd: RunDir, cfg: dict[str, Any], spec: dict[str, Any], ex: Execution) -> str:
+def _start(rd: RunDir, kind: type[JobKind], spec: dict[str, Any], ex: Execution) -> int:
+    """Per-process settings of a training job, and its status ``running``; returns the attempt number."""
     if ex.threads:
         torch.set_num_threads(ex.threads)
     tune_for_training()
-    st = rd.status()
-    attempts = int(st.get("attempts", 0)) + 1
+    attempts = int(rd.status().get("attempts", 0)) + 1
     rd.update_status(state="running", attempts=attempts, host=os.uname().nodename, pid=os.getpid(),
                      started=time.time(), error=None, note=None, slurm_job_id=slurm_job_id(), step=0,
-                     total=spec.get("train", {}).get("steps", spec.get("steps")))
-    started = time.time()
-    sink = None
-    with StopFlag() as stop:
-        try:
-            ex.artifacts = _resolve_artifacts(ex.results, spec)
-            state = _load_checkpoint(rd)
-            history = list(state["history"]) if state else []
-            wandb_id = st.get("wandb_id")
-            if cfg["kind"] == "run":
-                from mpbench.wandb_sink import WandbSink
+                     total=kind.steps(spec))
+    return attempts
 
-                sink = WandbSink(ex.wandb.get("mode", "disabled"), ex.wandb.get("project", "mpbench"),
-                                 ex.wandb.get("entity"), rd.path, cfg["slug"], ex.suite or "mpbench", spec, wandb_id)
-                if sink.run_id:
-                    rd.update_status(wandb_id=sink.run_id)
-            last_status = [0.0]
 
-            def on_step(step: int, total: int, loss: float) -> None:
-                if ex.on_step:
-                    ex.on_step(rd.id, step, total, loss)
-                now = time.time()
-                if now - last_status[0] > 2.0 or step == total:
-                    last_status[0] = now
-                    rd.update_status(step=step, total=total)
+def _open_sink(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], ex: Execution):
+    """The job's W&B run (resumed by the id its status records), or None for kinds that do not log."""
+    if not kind.wandb:
+        return None
+    from mpbench.wandb_sink import WandbSink
 
-            def on_eval(row: dict[str, Any]) -> None:
-                history.append(row)
-                rd.write_metrics(history)
-                if sink:
-                    sink.log(row)
+    w = ex.wandb
+    sink = WandbSink(w.get("mode", "disabled"), w.get("project", "mpbench"), w.get("entity"), rd.path, cfg["slug"],
+                     ex.suite or "mpbench", cfg["spec"], rd.status().get("wandb_id"))
+    if sink.run_id:
+        rd.update_status(wandb_id=sink.run_id)
+    return sink
 
-            ex.hooks = RunHooks(on_step=on_step, on_eval=on_eval, should_stop=stop.flag.is_set,
-                                save_checkpoint=lambda s: save_tensors(rd.checkpoint, s),
-                                load_checkpoint=lambda: state,
-                                checkpoint_every=int(spec.get("train", spec).get("checkpoint_every", 0) or 0))
-            if cfg["kind"] == "run":
-                out = _train_target(spec, rd, ex)
-            else:
-                out = STAGES.get(cfg["kind"])(spec, rd, ex)
-        except Interrupted as e:
-            rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint")
-            return "interrupted"
-        except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
-            line = _one_line(e)
-            rd.path.mkdir(parents=True, exist_ok=True)
-            from mpbench.store import atomic_write
 
-            atomic_write(rd.error_file, traceback.format_exc())
-            transient = is_transient(e)
-            rd.update_status(state="failed", error=line, transient=transient)
-            return "failed"
-        finally:
-            if sink:
-                sink.finish()
+def _hooks(rd: RunDir, kind: type[JobKind], spec: dict[str, Any], ex: Execution, state: dict[str, Any] | None,
+           sink, stop: StopFlag) -> RunHooks:
+    """Progress, metrics rows, W&B, checkpoints and the stop flag of one job, wired to its run directory."""
+    history = list(state["history"]) if state else []
+    last_status = [0.0]
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if ex.on_step:
+            ex.on_step(rd.id, step, total, loss)
+        now = time.time()
+        if now - last_status[0] > 2.0 or step == total:
+            last_status[0] = now
+            rd.update_status(step=step, total=total)
+
+    def on_eval(row: dict[str, Any]) -> None:
+        history.append(row)
+        rd.write_metrics(history)
+        if sink:
+            sink.log(row)
+
+    return RunHooks(on_step=on_step, on_eval=on_eval, should_stop=stop.flag.is_set,
+                    save_checkpoint=lambda s: save_tensors(rd.checkpoint, s), load_checkpoint=lambda: state,
+                    checkpoint_every=kind.checkpoint_every(spec))
+
+
+def _record_failure(rd: RunDir, e: BaseException) -> None:
+    rd.path.mkdir(parents=True, exist_ok=True)
+    atomic_write(rd.error_file, traceback.format_exc())
+    rd.update_status(state="failed", error=describe_error(e), transient=is_transient(e))
+
+
+def _result(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], out: dict[str, Any], ex: Execution,
+            attempts: int, state: dict[str, Any] | None, started: float) -> dict[str, Any]:
+    """``result.json``: the outcome with everything needed to trust and reproduce it."""
+    spec = cfg["spec"]
     result = {
         "schema": SCHEMA_VERSION, "id": rd.id, "slug": cfg["slug"], "kind": cfg["kind"], "spec": spec,
         "final": out.get("final", {}), "selection": "final", "eval_protocol": out.get("eval_protocol", "deterministic"),
         "seed": spec.get("seed"), "git": git_info(), "versions": versions(), "device": device_name(ex.device),
         "malloc_tuned": tune_for_training(),
         "wall_time_s": time.time() - started, "train_time_s": out.get("train_time_s"),
-        "images_per_s": out.get("images_per_s"), "steps": spec.get("train", {}).get("steps", spec.get("steps")),
+        "images_per_s": out.get("images_per_s"), "steps": kind.steps(spec),
         "regularizers": out.get("regularizers", {}), "artifacts": spec.get("artifacts", {}),
         "attempts": attempts, "resumed": bool(state), "resumed_from_step": int(state["step"]) if state else None,
     }
     result.update({k: v for k, v in out.items() if k not in result and k != "history"})
-    if cfg["kind"] != "run":
-        from mpbench.store import write_json
+    return result
 
+
+def _execute_claimed(rd: RunDir, cfg: dict[str, Any], ex: Execution) -> str:
+    kind = JOB_KINDS.get(cfg["kind"])
+    spec = cfg["spec"]
+    attempts = _start(rd, kind, spec, ex)
+    started = time.time()
+    sink = None
+    with StopFlag() as stop:
+        try:
+            ex.artifacts = _resolve_artifacts(ex.results, spec)
+            state = _load_checkpoint(rd)
+            sink = _open_sink(rd, cfg, kind, ex)
+            ex.hooks = _hooks(rd, kind, spec, ex, state, sink, stop)
+            out = kind.execute(spec, rd, ex)
+        except Interrupted as e:
+            rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint")
+            return "interrupted"
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
+            _record_failure(rd, e)
+            return "failed"
+        finally:
+            if sink:
+                sink.finish()
+    if kind.is_stage():
         write_json(rd.path / "artifact.json", {"kind": cfg["kind"], "id": rd.id, "spec": spec,
                                                **{k: v for k, v in out.items() if k not in ("history", "final")}})
-    rd.mark_done(result)
+    rd.mark_done(_result(rd, cfg, kind, out, ex, attempts, state, started))
     rd.checkpoint.unlink(missing_ok=True)
     return "done"
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    msg = lines[0] if lines else ""
-    return msg if isinstance(e, MpbenchError) else f"{type(e).__name__}: {msg}"

@@ -280,3 +280,24 @@ def describe_sites(model: nn.Module) -> list[str]:
         return [f"{type(model).__name__}: no insertion sites found"]
     w = max(len(r[0]) for r in rows)
     return [f"{n:<{w}}  {k:<8}  stage {st}  {c:>4} ch  {where}".rstrip() for n, k, st, c, where in rows]
+
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the classifier: timm's ``get_classifier()``, else an ``fc`` / ``classifier`` /
+    ``head`` attribute; None when the model has none (or it is an ``nn.Identity``)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
+        for name, module in model.named_modules():
+            if module is head and name:
+                return name, module
+    for name in ("fc", "classifier", "head"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
+            return name, module
+    return None
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm layer: any ``_BatchNorm`` subclass, or timm's ``FrozenBatchNorm2d``."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d"

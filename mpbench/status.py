@@ -1,59 +1,161 @@
-"""`mpbench status`: what each suite's runs are doing, read from run directories only."""
+"""`mpbench status`: what each suite's runs are doing, read from run directories only.
+
+Nothing here raises on a broken run directory: a job whose files cannot be read is shown in state ``unreadable``
+with what is wrong and how to fix it. ``--format json`` prints a list with one object per suite.
+"""
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import click
+import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mpbench.errors import UsageError
-from mpbench.store import RunDir, read_json
+from mpbench.errors import UsageError, did_you_mean
+from mpbench.store import STATES, RunDir, check_id, read_json
+
+SUMMARY_ORDER = ("done", "running", "failed", "pending")
 
 
-def _suites(results: Path, suite: str | None) -> list[dict]:
+def suite_name(suite: str) -> str:
+    """``suite=`` as ``mpbench run`` takes it: a name, or a path to a YAML file (its ``name:``, else its stem)."""
+    if not suite.endswith((".yaml", ".yml")) and os.sep not in suite and "/" not in suite:
+        return check_id(suite, "suite name")
+    path = Path(suite)
+    name = path.stem
+    try:
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"].strip():
+            name = data["name"].strip()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass                                       # no readable file: its stem names the suite, as `run` does
+    return check_id(name, "suite name")
+
+
+def _read_record(path: Path, name: str) -> dict[str, Any]:
+    try:
+        data = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"suite record {path} is unreadable ({type(e).__name__}): "
+                         f"rerun `mpbench run suite={name}` to rewrite it") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, []), list) for k in ("runs", "artifacts")):
+        raise UsageError(f"suite record {path} is malformed: rerun `mpbench run suite={name}` to rewrite it")
+    data.setdefault("name", name)
+    return data
+
+
+def _suites(results: Path, suite: str | None, warn: Console) -> list[dict]:
     sdir = results / "suites"
     if suite:
-        path = sdir / f"{Path(suite).stem}.json"
-        if not path.exists():
-            raise UsageError(f"no results for suite {suite!r} in {results}: run `mpbench run suite={suite}` first")
-        return [read_json(path)]
+        name = suite_name(suite)
+        path = sdir / f"{name}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in sdir.glob("*.json")) if sdir.is_dir() else []
+            hint = did_you_mean(name, known) if known else ""
+            hint = f" ({hint})" if hint.startswith("did you mean") else ""
+            raise UsageError(f"no results for suite {name!r} in {results}{hint}: "
+                             f"run `mpbench run suite={suite}` first or pass --results DIR")
+        return [_read_record(path, name)]
     if not sdir.is_dir():
         raise UsageError(f"no results in {results}: run `mpbench run suite=NAME` first or pass --results DIR")
-    return [read_json(p) for p in sorted(sdir.glob("*.json"))]
+    out = []
+    for p in sorted(sdir.glob("*.json")):
+        try:
+            out.append(_read_record(p, p.stem))
+        except UsageError as e:                    # one broken record does not hide the other suites
+            warn.print(f"skipped: {e}", highlight=False, markup=False, soft_wrap=True)
+    return out
 
 
-def suite_status(results: Path, suite: str | None, console: Console) -> dict[str, Counter]:
-    totals = {}
-    for s in _suites(results, suite):
-        jobs = [("artifact", a) for a in s.get("artifacts", [])] + [("run", r) for r in s.get("runs", [])]
-        counts: Counter = Counter()
-        table = Table(title=f"suite {s['name']}", show_lines=False)
-        for col in ("state", "run", "detail"):
-            table.add_column(col, overflow="fold")
-        for where, rid in jobs:
-            kind = "run" if where == "run" else rid.split("-", 1)[0]
-            rd = RunDir(results, kind, rid)
-            state = rd.state() if rd.path.exists() else "pending"
-            counts[state] += 1
+def _recorded_kind(rd: RunDir) -> str | None:
+    """The job kind its own ``config.yaml`` records (None when that file is missing or unreadable)."""
+    try:
+        kind = yaml.safe_load(rd.config.read_text()).get("kind")
+    except Exception:  # noqa: BLE001  (missing, unreadable, not YAML, not a mapping)
+        return None
+    return kind if isinstance(kind, str) and kind else None
+
+
+def _detail(state: str, st: dict[str, Any]) -> str:
+    if state == "failed":
+        return str(st.get("error") or "(no reason recorded)")
+    if state == "running":
+        try:
+            age = f", updated {time.time() - float(st.get('updated', 0)):.0f}s ago"
+        except (TypeError, ValueError):
+            age = ""
+        job = f" slurm job {st['slurm_job_id']}" if st.get("slurm_job_id") else ""
+        return f"step {st.get('step', 0)}/{st.get('total', '?')} on {st.get('host', '?')}{job}{age}"
+    if state == "pending" and st.get("note"):
+        return str(st["note"])
+    return ""
+
+
+def job_status(results: Path, rid: Any, is_run: bool) -> dict[str, Any]:
+    """``{id, kind, state, detail}`` of one job of a suite; never raises on a broken run directory."""
+    rid = str(rid)
+    try:
+        rd = RunDir(results, "run" if is_run else "artifact", rid)   # every non-run kind lives in artifacts/
+    except UsageError as e:
+        return {"id": rid, "kind": "run" if is_run else None, "state": "unreadable",
+                "detail": f"suite record lists {e}: rerun `mpbench run` for this suite"}
+    try:
+        if not rd.path.exists():
+            state, st = "pending", {}
+        else:
             st = rd.status()
-            if state == "failed":
-                detail = st.get("error") or "(no reason recorded)"
-            elif state == "running":
-                age = time.time() - float(st.get("updated", 0))
-                job = f" slurm job {st['slurm_job_id']}" if st.get("slurm_job_id") else ""
-                detail = f"step {st.get('step', 0)}/{st.get('total', '?')} on {st.get('host', '?')}{job}, " \
-                         f"updated {age:.0f}s ago"
-            elif state == "pending" and st.get("note"):
-                detail = st["note"]
-            else:
-                detail = ""
-            if state != "done":
-                table.add_row(state, rid, detail)
-        summary = " · ".join(f"{k} {counts[k]}" for k in ("done", "running", "failed", "pending") if counts[k])
-        console.print(f"[bold]{s['name']}[/]: {len(jobs)} jobs: {summary or 'none'}")
-        if table.row_count:
-            console.print(table)
-        totals[s["name"]] = counts
-    return totals
+            state = rd.state()
+        if not isinstance(state, str) or not state:
+            detail = f"{rd.status_file} records state {state!r}: delete {rd.path} and rerun"
+            state = "unreadable"
+        else:
+            detail = _detail(state, st)
+    except OSError as e:
+        state, detail = "unreadable", f"{rd.path}: {e.strerror or e}: fix its permissions or delete it and rerun"
+    if state == "done":
+        return {"id": rid, "kind": "run" if is_run else None, "state": state, "detail": detail}
+    kind = _recorded_kind(rd) or ("run" if is_run else None)
+    return {"id": rid, "kind": kind, "state": state, "detail": detail}
+
+
+def suite_summary(results: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """One suite: counts per state and the jobs that are not done (stages first, then runs)."""
+    jobs = [job_status(results, a, False) for a in record.get("artifacts", [])] + \
+           [job_status(results, r, True) for r in record.get("runs", [])]
+    counts = Counter({s: 0 for s in (*SUMMARY_ORDER, *STATES)})
+    counts.update(j["state"] for j in jobs)
+    return {"suite": str(record["name"]), "jobs": len(jobs), "counts": dict(counts),
+            "not_done": [j for j in jobs if j["state"] != "done"]}
+
+
+def suite_status(results: Path, suite: str | None, console: Console, fmt: str = "table") -> dict[str, Counter]:
+    warn = Console(stderr=True)
+    summaries = [suite_summary(results, s) for s in _suites(results, suite, warn)]
+    if fmt == "json":
+        click.echo(json.dumps(summaries, indent=1, default=str))
+    else:
+        for s in summaries:
+            _print_table(s, console)
+    return {s["suite"]: Counter({k: v for k, v in s["counts"].items() if v}) for s in summaries}
+
+
+def _print_table(s: dict[str, Any], console: Console) -> None:
+    counts = s["counts"]
+    order = [*SUMMARY_ORDER, *sorted(k for k in counts if k not in SUMMARY_ORDER)]
+    summary = " · ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
+    console.print(f"[bold]{escape(s['suite'])}[/]: {s['jobs']} jobs: {escape(summary) or 'none'}")
+    if not s["not_done"]:
+        return
+    table = Table(title=f"suite {escape(s['suite'])}", show_lines=False)
+    for col in ("state", "kind", "id", "detail"):
+        table.add_column(col, overflow="fold")
+    for j in s["not_done"]:
+        table.add_row(escape(j["state"]), escape(j["kind"] or "?"), escape(j["id"]), escape(j["detail"]))
+    console.print(table)

@@ -33,6 +33,17 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+def save_tensors(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to memory, then :func:`atomic_write`: a reader never sees a half-written checkpoint."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 

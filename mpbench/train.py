@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpbench.batches import BatchStream, eval_batches
+from mpbench.batches import BatchStream
 from mpbench.errors import RunFailed, UsageError
-from mpbench.metrics import classification_metrics
+from mpbench.evals import DEFAULT_EVALS, EvalContext, Evaluation, build_evals, resolve_evals
 from mpbench.regularization import RegularizerStack, RunContext, build_stack
 
 
@@ -52,7 +52,7 @@ class Setup:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    evals: list[Evaluation] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -108,7 +108,8 @@ def build(spec: dict[str, Any], data_root: Path, device: torch.device, artifacts
         m.check(model, ctx)
     stack.attach(model)
     model.to(device)
-    return Setup(model, stack, ctx, train.images, train.labels, test.images, test.labels, train.num_classes)
+    evals = build_evals(spec.get("eval") or resolve_evals(list(DEFAULT_EVALS), {}))
+    return Setup(model, stack, ctx, train.images, train.labels, test.images, test.labels, train.num_classes, evals)
 
 
 def make_optimizer(model: nn.Module, stack: RegularizerStack, t: dict[str, Any]) -> torch.optim.Optimizer:
@@ -137,20 +138,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, target)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, passes: int,
-            device: torch.device) -> dict[str, float]:
-    """Mean softmax over ``passes`` forward passes per test image (1 = a single pass)."""
-    model.eval()
-    probs, labels = [], []
-    for xb, yb in eval_batches(x, y, batch_size, device):
-        p = sum(F.softmax(model(xb).float(), dim=-1) for _ in range(passes)) / passes
-        probs.append(p.cpu())
-        labels.append(yb.cpu())
-    return classification_metrics(torch.cat(probs), torch.cat(labels))
-
-
 def evaluate(s: Setup, t: dict[str, Any], final: bool, device: torch.device) -> dict[str, Any]:
+    """Run the spec's evaluations (periodic ones only, unless ``final``) after the methods' ``before_eval``."""
     proto = s.stack.eval_protocol
     passes = (t.get("final_eval_passes") or proto.final_passes) if final else (t.get("eval_passes") or proto.passes)
 
@@ -159,14 +148,11 @@ def evaluate(s: Setup, t: dict[str, Any], final: bool, device: torch.device) -> 
         return (stream.next()[0] for _ in range(min(len(stream), 20)))
 
     s.stack.before_eval(s.model, train_images)
-    out = predict(s.model, s.test_x, s.test_y, t["eval_batch_size"], passes, device)
-    out["passes"] = passes
-    if proto.stochastic:
-        with s.stack.deterministic():
-            det = predict(s.model, s.test_x, s.test_y, t["eval_batch_size"], 1, device)
-        out.update({f"{k}_det": v for k, v in det.items()})
-    else:
-        out.update({f"{k}_det": v for k, v in out.items() if k in ("acc", "nll", "ece")})
+    ctx = EvalContext(s.model, s.stack, s.test_x, s.test_y, t["eval_batch_size"], passes, device, final)
+    out: dict[str, Any] = {}
+    for ev in s.evals:
+        if final or ev.periodic:
+            out.update(ev.run(ctx))
     s.model.train()
     return out
 

@@ -145,6 +145,13 @@ class PerturbFunction(nn.Module):
             for k in PHI_SHAPES:
                 params[k].copy_(state[k].to(params[k].device, params[k].dtype))
 
+    def share_phi(self, other: "PerturbFunction") -> None:
+        """Make this function's six parameters the very Parameter objects of ``other`` (meta-training: every task's
+        network perturbs with the one phi being learned); the running statistics stay this function's own."""
+        for name, p in other.named_parameters():
+            mod, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(mod) if mod else self, attr, p)
+
     def save_phi(self, path: str | Path) -> None:
         """Write phi in the released format (a plain state dict of the 6 tensors, loadable with weights_only)."""
         torch.save(self.phi_state_dict(), str(path))

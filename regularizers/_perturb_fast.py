@@ -74,7 +74,7 @@ def _softplus_from(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.maximum(z, t, out=z)
 
 
-def _softplus_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def softplus_sigmoid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(softplus(t), sigmoid(t)) from one sigmoid and one log. Absolute error < 1e-7 everywhere; ~2x faster than
     ``F.softplus`` + ``torch.sigmoid`` on CPU (whose softplus is not vectorised)."""
     q = _sigmoid_neg(t)

@@ -71,8 +71,9 @@ def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
 
-def _build() -> Path:
-    """Compile the kernel (cached); raises RuntimeError with the compiler's first error line."""
+def build() -> Path:
+    """Compile the kernel (cached in :func:`cache_dir`) and return the library's path; raises RuntimeError with
+    the compiler's first error line."""
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -111,7 +112,7 @@ def _load() -> ctypes.CDLL | None:
         _STATE["why"] = "disabled by MPBENCH_NATIVE=0"
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
         _STATE["why"] = str(e)
         log.warning("MetaPerturb native CPU kernel unavailable (%s); using the slower PyTorch path (a C compiler "

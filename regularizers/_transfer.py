@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mpbench.errors import IncompatibleError, UsageError
+from mpbench.errors import IncompatibleError, UsageError, describe_error
+from mpbench.sites import find_classifier, is_batchnorm
 from mpbench.regularization import Hparam, Regularizer, RunContext
 
 KIND = "pretrain"
@@ -38,12 +39,6 @@ KIND = "pretrain"
 
 def _rebuild_hint(directory: Path) -> str:
     return f"delete {directory} and rerun `mpbench run` to rebuild the pretrain stage"
-
-
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    first = msg[0][:120] if msg else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -78,7 +73,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads(f.read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"pretrain artifact file {f} is unreadable ({_short(e)}): {_rebuild_hint(directory)}") from None
+        raise UsageError(f"pretrain artifact file {f} is unreadable ({describe_error(e, 120)}): {_rebuild_hint(directory)}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict) or not meta["spec"].get("model"):
         raise UsageError(f"pretrain artifact file {f} lacks spec.model: {_rebuild_hint(directory)}")
     if meta.get("kind", KIND) != KIND:
@@ -92,7 +87,7 @@ def read_state(model_file: Path, directory: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/zip/IO failure means the same thing to the user
-        raise UsageError(f"pretrain artifact file {model_file} is corrupt ({_short(e)}): "
+        raise UsageError(f"pretrain artifact file {model_file} is corrupt ({describe_error(e, 120)}): "
                          f"{_rebuild_hint(directory)}") from None
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -133,27 +128,15 @@ def load_source(ctx: RunContext, who: str) -> SourceWeights:
 # model anatomy
 # --------------------------------------------------------------------------------------------------------------------
 
-def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d"
-
-
 def batchnorm_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if is_batchnorm(m)}
 
 
 def classifier_name(model: nn.Module, who: str) -> str:
-    """Qualified name of the classifier module (timm ``get_classifier()``; ``fc`` for the CIFAR nets)."""
-    head = None
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-    if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
-        for n, m in model.named_modules():
-            if m is head and n:
-                return n
-    for n in ("fc", "classifier", "head"):
-        if isinstance(getattr(model, n, None), nn.Module):
-            return n
+    """Qualified name of the classifier module (:func:`mpbench.sites.find_classifier`)."""
+    found = find_classifier(model)
+    if found is not None:
+        return found[0]
     raise IncompatibleError(f"{who}: {type(model).__name__} has no classifier module (timm get_classifier): "
                             f"cannot tell the new head from the transferred layers")
 
@@ -274,8 +257,3 @@ class SourceInit(Regularizer):
             d["transfer"] = self.report.summary()
         return d
 
-
-def loguniform(lo: float, hi: float):
-    import math
-
-    return lambda r: float(math.exp(r.uniform(math.log(lo), math.log(hi))))

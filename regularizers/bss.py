@@ -6,9 +6,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mpbench.errors import UsageError
+from mpbench.hparams import at_least
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
-from regularizers._transfer import classifier_name, loguniform
+from regularizers._transfer import classifier_name
 
 
 def bss_value(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,14 +36,12 @@ class BSS(Regularizer):
     citation = ("Chen et al., Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe "
                 "Transfer Learning, NeurIPS 2019")
     hparams: ClassVar[dict[str, Hparam]] = {
-        "eta": Hparam(0.001, loguniform(1e-4, 1e-2), "weight of the spectral penalty"),
-        "k": Hparam(1, lambda r: r.choice([1, 2, 4]), "number of smallest singular values penalised"),
+        "eta": Hparam(0.001, "weight of the spectral penalty", at_least(0)),
+        "k": Hparam(1, "number of smallest singular values penalised", at_least(1, integer=True)),
     }
 
     def __init__(self, ctx: RunContext, **hp: Any):
         super().__init__(ctx, **hp)
-        if int(self.hp["k"]) < 1:
-            raise UsageError(f"reg.bss.k={self.hp['k']!r}: use an integer >= 1")
         self._feat: torch.Tensor | None = None
         self._handle: Any = None
         self.nan_skips = 0

@@ -1,6 +1,7 @@
 """CutMix through ``timm.data.Mixup``, with the area-corrected lambda."""
 from __future__ import annotations
 
+from mpbench.hparams import at_least, between
 from mpbench.regularization import Hparam, register_regularizer
 from regularizers.mixup import TimmMixer
 
@@ -20,7 +21,7 @@ class CutMix(TimmMixer):
     citation = ("Yun, Han, Oh, Chun, Choe, Yoo. CutMix: Regularization Strategy to Train Strong Classifiers with "
                 "Localizable Features. ICCV 2019 (arXiv 1905.04899).")
     hparams = {
-        "cutmix_alpha": Hparam(1.0, lambda r: 10 ** r.uniform(-1, 0.5), "Beta(alpha, alpha) of lambda"),
-        "prob": Hparam(0.5, lambda r: r.uniform(0.3, 1.0), "probability of cutting a batch"),
+        "cutmix_alpha": Hparam(1.0, "Beta(alpha, alpha) of lambda", at_least(0, strict=True)),
+        "prob": Hparam(0.5, "probability of cutting a batch", between(0, 1)),
     }
     cutmix_alpha_key = "cutmix_alpha"

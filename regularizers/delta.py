@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from mpbench.errors import IncompatibleError, UsageError
+from mpbench.hparams import at_least, boolean, one_of
 from mpbench.regularization import Hparam, RunContext, register_regularizer
-from regularizers._transfer import (SourceInit, classifier_name, loguniform, shared_and_head_params,
+from regularizers._transfer import (SourceInit, classifier_name, shared_and_head_params,
                                     without_weight_decay)
 
 _SITES = ("last_conv", "stage_output")
@@ -77,15 +78,14 @@ class DELTA(SourceInit):
 
     citation = "Li et al., DELTA: DEep Learning Transfer using Feature Map with Attention, ICLR 2019"
     hparams: ClassVar[dict[str, Hparam]] = {
-        "alpha": Hparam(0.01, loguniform(1e-3, 1.0), "weight of the feature-map distance"),
-        "beta": Hparam(0.01, loguniform(1e-4, 1e-1), "weight of (1/2)||w_fc||^2 (new classifier)"),
-        "attention": Hparam(False, None, "channel attention weights (not implemented: only false)"),
-        "sites": Hparam("last_conv", None, "last_conv (of each stage, pre-BN) | stage_output"),
+        "alpha": Hparam(0.01, "weight of the feature-map distance", at_least(0)),
+        "beta": Hparam(0.01, "weight of (1/2)||w_fc||^2 (new classifier)", at_least(0)),
+        "attention": Hparam(False, "channel attention weights (not implemented: only false)", boolean),
+        "sites": Hparam("last_conv", "last_conv (of each stage, pre-BN) | stage_output", one_of(*_SITES)),
     }
 
     def __init__(self, ctx: RunContext, **hp: Any):
         super().__init__(ctx, **hp)
-        self._validate(self.hp)
         self._src_net: nn.Module | None = None
         self._shared: list[nn.Parameter] = []
         self._head: list[nn.Parameter] = []
@@ -93,18 +93,15 @@ class DELTA(SourceInit):
         self._fs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    @staticmethod
-    def _validate(hp: dict[str, Any]) -> None:
+    @classmethod
+    def check_hparams(cls, hp: dict[str, Any]) -> None:
         if hp.get("attention"):
             raise UsageError(_ATTENTION_MSG)
-        if hp.get("sites", "last_conv") not in _SITES:
-            raise UsageError(f"reg.delta.sites={hp.get('sites')!r}: use one of {', '.join(_SITES)}")
 
     @classmethod
     def check(cls, model: nn.Module, ctx: RunContext) -> None:
         hp = {k: v.default for k, v in cls.hparams.items()}
         hp.update((ctx.spec.get("reg") or {}).get(cls.name) or {})
-        cls._validate(hp)
         super().check(model, ctx)
         feature_sites(model, hp["sites"], cls.name)
 

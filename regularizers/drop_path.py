@@ -5,6 +5,7 @@ from timm.layers import DropPath as TimmDropPath
 from torch import nn
 
 from mpbench.errors import IncompatibleError
+from mpbench.hparams import between
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 
@@ -32,7 +33,7 @@ class DropPath(Regularizer):
 
     citation = ("Huang, Sun, Liu, Sedra, Weinberger. Deep Networks with Stochastic Depth. ECCV 2016 "
                 "(arXiv 1603.09382).")
-    hparams = {"rate": Hparam(0.5, lambda r: r.uniform(0.05, 0.5), "drop probability p_L of the last block")}
+    hparams = {"rate": Hparam(0.5, "drop probability p_L of the last block", between(0, 1, hi_open=True))}
 
     @classmethod
     def check(cls, model: nn.Module, ctx: RunContext) -> None:

@@ -9,6 +9,7 @@ from timm.layers.drop import drop_block_2d
 from torch import nn
 
 from mpbench.errors import IncompatibleError
+from mpbench.hparams import at_least, between, boolean
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 
@@ -84,9 +85,9 @@ class DropBlock(Regularizer):
     citation = ("Ghiasi, Lin, Le. DropBlock: A regularization method for convolutional networks. NeurIPS 2018 "
                 "(arXiv 1810.12890).")
     hparams = {
-        "drop_prob": Hparam(0.1, lambda r: r.choice([0.05, 0.1, 0.15, 0.2]), "final drop probability of the ramp"),
-        "block_size": Hparam(3, lambda r: r.choice([3, 5]), "side of the dropped square (clamped to the map)"),
-        "paper_gamma": Hparam(True, None, "correct timm's seed rate to the paper's expected dropped area"),
+        "drop_prob": Hparam(0.1, "final drop probability of the ramp", between(0, 1, hi_open=True)),
+        "block_size": Hparam(3, "side of the dropped square (clamped to the map)", at_least(1, integer=True)),
+        "paper_gamma": Hparam(True, "correct timm's seed rate to the paper's expected dropped area", boolean),
     }
 
     def __init__(self, ctx: RunContext, **hp: Any):

@@ -6,6 +6,8 @@ from typing import Any
 from torch import nn
 
 from mpbench.errors import IncompatibleError
+from mpbench.sites import find_classifier
+from mpbench.hparams import between, one_of
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 WHERE = ("head", "blocks", "both")
@@ -17,9 +19,8 @@ def _head_dropout_pre_hook(module: nn.Module, args: tuple) -> tuple:
 
 
 def classifier_of(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_classifier", None)
-    clf = get() if callable(get) else getattr(model, "fc", None)
-    return clf if isinstance(clf, nn.Module) and not isinstance(clf, nn.Identity) else None
+    found = find_classifier(model)
+    return found[1] if found else None
 
 
 @register_regularizer("dropout")
@@ -36,14 +37,9 @@ class Dropout(Regularizer):
     citation = ("Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov. Dropout: A Simple Way to Prevent Neural "
                 "Networks from Overfitting. JMLR 15, 2014.")
     hparams = {
-        "p": Hparam(0.1, lambda r: r.uniform(0.0, 0.5), "drop probability of each unit"),
-        "where": Hparam("head", lambda r: r.choice(WHERE), "head | blocks | both"),
+        "p": Hparam(0.1, "drop probability of each unit", between(0, 1, hi_open=True)),
+        "where": Hparam("head", "head | blocks | both", one_of(*WHERE)),
     }
-
-    def __init__(self, ctx: RunContext, **hp: Any):
-        super().__init__(ctx, **hp)
-        if self.hp["where"] not in WHERE:
-            raise IncompatibleError(f"dropout: where={self.hp['where']!r} is not one of {', '.join(WHERE)}")
 
     @classmethod
     def check(cls, model: nn.Module, ctx: RunContext) -> None:

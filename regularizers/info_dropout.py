@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mpbench.errors import IncompatibleError
+from mpbench.hparams import at_least, one_of
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 HEADS = ("conv3x3", "conv1x1")
@@ -85,17 +86,15 @@ class InfoDropout(Regularizer):
     citation = ("Achille, Soatto. Information Dropout: Learning Optimal Representations Through Noisy Computation. "
                 "IEEE TPAMI 40(12), 2018 (arXiv 1611.01353).")
     hparams = {
-        "beta": Hparam(3.0, lambda r: 10 ** r.uniform(-1, 1), "weight of the KL term (divided by N_train)"),
-        "max_alpha": Hparam(0.7, None, "largest std of the log-noise"),
-        "head": Hparam("conv3x3", None, "alpha head: conv3x3 (reference shape) | conv1x1 (cheaper)"),
-        "where": Hparam("stages", None, "stages (last block of each stage) | blocks (every block site)"),
-        "bn_batches": Hparam(50, None, "training batches for BN re-estimation before each evaluation (0: off)"),
+        "beta": Hparam(3.0, "weight of the KL term (divided by N_train)", at_least(0)),
+        "max_alpha": Hparam(0.7, "largest std of the log-noise", at_least(0, strict=True)),
+        "head": Hparam("conv3x3", "alpha head: conv3x3 (reference shape) | conv1x1 (cheaper)", one_of(*HEADS)),
+        "where": Hparam("stages", "stages (last block of each stage) | blocks (every block site)", one_of(*WHERE)),
+        "bn_batches": Hparam(50, "training batches for BN re-estimation before each evaluation (0: off)", at_least(0, integer=True)),
     }
 
     def __init__(self, ctx: RunContext, **hp: Any):
         super().__init__(ctx, **hp)
-        if self.hp["head"] not in HEADS or self.hp["where"] not in WHERE:
-            raise IncompatibleError(f"info_dropout: head must be one of {HEADS} and where one of {WHERE}")
         self.noisy: list[InformationDropout] = []
 
     @classmethod

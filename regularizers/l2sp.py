@@ -6,8 +6,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mpbench.hparams import at_least
 from mpbench.regularization import Hparam, register_regularizer
-from regularizers._transfer import SourceInit, loguniform, shared_and_head_params, without_weight_decay
+from regularizers._transfer import SourceInit, shared_and_head_params, without_weight_decay
 
 
 @register_regularizer("l2sp")
@@ -29,8 +30,8 @@ class L2SP(SourceInit):
 
     citation = "Li, Grandvalet, Davoine, Explicit Inductive Bias for Transfer Learning with CNNs, ICML 2018"
     hparams: ClassVar[dict[str, Hparam]] = {
-        "alpha": Hparam(0.01, loguniform(1e-3, 1.0), "weight of (1/2)||w_S - w0_S||^2 (shared layers)"),
-        "beta": Hparam(0.01, loguniform(1e-4, 1e-1), "weight of (1/2)||w_head||^2 (new classifier)"),
+        "alpha": Hparam(0.01, "weight of (1/2)||w_S - w0_S||^2 (shared layers)", at_least(0)),
+        "beta": Hparam(0.01, "weight of (1/2)||w_head||^2 (new classifier)", at_least(0)),
     }
 
     def __init__(self, ctx, **hp: Any):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mpbench.hparams import between
 from mpbench.regularization import Hparam, Regularizer, register_regularizer
 
 
@@ -20,7 +21,7 @@ class LabelSmoothing(Regularizer):
 
     citation = ("Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. Rethinking the Inception Architecture for Computer "
                 "Vision. CVPR 2016 (arXiv 1512.00567).")
-    hparams = {"eps": Hparam(0.1, lambda r: r.uniform(0.0, 0.3), "smoothing mass spread uniformly over classes")}
+    hparams = {"eps": Hparam(0.1, "smoothing mass spread uniformly over classes", between(0, 1))}
 
     def transform_batch(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K = int(self.ctx.num_classes)

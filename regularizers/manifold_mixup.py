@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpbench.errors import IncompatibleError
+from mpbench.hparams import at_least, int_list
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 
@@ -41,17 +42,14 @@ class ManifoldMixup(Regularizer):
     citation = ("Verma, Lamb, Beckham, Najafi, Mitliagkas, Lopez-Paz, Bengio. Manifold Mixup: Better Representations "
                 "by Interpolating Hidden States. ICML 2019 (arXiv 1806.05236).")
     hparams = {
-        "alpha": Hparam(2.0, lambda r: 10 ** r.uniform(-1, 0.5), "Beta(alpha, alpha) of lambda"),
-        "layers": Hparam([0, 1, 2], None, "eligible mixing layers: 0 = input, 1 / 2 = after stage 1 / 2"),
+        "alpha": Hparam(2.0, "Beta(alpha, alpha) of lambda", at_least(0)),
+        "layers": Hparam([0, 1, 2], "eligible mixing layers: 0 = input, 1 / 2 = after stage 1 / 2", int_list(0, 2)),
     }
     mixes_batch = True
 
     def __init__(self, ctx: RunContext, **hp: Any):
         super().__init__(ctx, **hp)
         self.layers = sorted({int(k) for k in self.hp["layers"]})
-        if not self.layers or min(self.layers) < 0 or max(self.layers) > 2:
-            raise IncompatibleError(f"manifold_mixup: layers={self.hp['layers']} must be a non-empty subset of "
-                                    "[0, 1, 2]")
         self._armed: tuple[int, float, torch.Tensor] | None = None
         self.last: dict[str, Any] = {}
         self._handles: list = []

@@ -1,21 +1,30 @@
-"""MetaPerturb at meta-test time: a frozen, meta-learned perturbation function at every block output."""
+"""MetaPerturb at meta-test time: a frozen, meta-learned perturbation function at every block output.
+
+Also MetaPerturb's public face for the rest of mpbench: the perturbation function (:class:`PerturbFunction`, from
+``_perturb.py``), phi files, its wiring into a network (:func:`attach_perturbation`, used by this regularizer, by
+meta-training's learners and by ``mpbench bench metaperturb``) and, for results and tests, the CPU execution
+(:func:`cpu_kernel`; :data:`native`, the native kernels' module) and the fast path's numerical helpers.
+"""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from mpbench.errors import IncompatibleError, UsageError
+from mpbench.hparams import at_least, optional
 from mpbench.regularization import EvalProtocol, Hparam, Regularizer, RunContext, register_regularizer
 from regularizers import _perturb_native as native
-from regularizers._perturb import PHI_SHAPES, PerturbFunction, check_phi, load_phi_file
-from regularizers._perturb_fast import standard_normal
+from regularizers._perturb import PHI_NUMEL, PHI_SHAPES, PerturbFunction, check_phi, load_phi_file
+from regularizers._perturb_fast import expected_softplus, softplus_sigmoid, standard_normal
 
-__all__ = ["MetaPerturb", "PerturbFunction", "PerturbSite", "PHI_SHAPES", "check_phi", "load_phi_file",
-           "standard_normal", "default_channel_norm"]
+__all__ = ["MetaPerturb", "PerturbFunction", "PerturbSite", "Perturbation", "attach_perturbation", "PHI_NUMEL",
+           "PHI_SHAPES", "check_phi", "load_phi_file", "default_channel_norm", "cpu_kernel", "native",
+           "expected_softplus", "softplus_sigmoid", "standard_normal"]
 
 
 class PerturbSite(nn.Module):
@@ -23,19 +32,28 @@ class PerturbSite(nn.Module):
 
     All sites share one :class:`PerturbFunction`; the first site's wrapper registers it as its submodule ``fn``
     (so ``state_dict()`` holds phi and the running statistics once, and ``.to()`` moves them), the others keep a
-    plain reference (``copy.deepcopy`` of the model keeps the sharing)."""
+    plain reference (``copy.deepcopy`` of the model keeps the sharing).
 
-    def __init__(self, fn: PerturbFunction, index: int, register: bool):
+    ``generator``: None = ``fn`` draws its own noise (from torch's default generator); a ``torch.Generator`` = the
+    Gaussian draw is ``torch.randn`` from it, passed as ``eps`` (meta-training: one stream per task, the same
+    numbers in every execution mode), and none is drawn in deterministic mode."""
+
+    def __init__(self, fn: PerturbFunction, index: int, register: bool, generator: torch.Generator | None = None):
         super().__init__()
         if register:
             self.fn = fn
         else:
             self.__dict__["fn"] = fn
+        self.__dict__["generator"] = generator
         self.index = int(index)
         self.c = 1.0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fn(h, site=self.index, noise_coeff=self.c)
+        fn, gen = self.fn, self.generator
+        if gen is None:
+            return fn(h, site=self.index, noise_coeff=self.c)
+        eps = None if fn.deterministic else torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype)
+        return fn(h, site=self.index, noise_coeff=self.c, eps=eps)
 
     def extra_repr(self) -> str:
         return f"site={self.index}, noise_coeff={self.c:g}"
@@ -46,6 +64,66 @@ def default_channel_norm(channels: list[int]) -> int:
     for ConvNet4/6; in every case the largest channel count among the perturbed layers, which is the rule mpbench
     applies to any network."""
     return max(channels)
+
+
+@dataclass
+class Perturbation:
+    """MetaPerturb wired into a network by :func:`attach_perturbation`: the shared function, its wrappers and the
+    names of their sites (both in forward order)."""
+
+    fn: PerturbFunction
+    wrappers: list[PerturbSite]
+    sites: list[str]
+
+
+def attach_perturbation(model: nn.Module, spatial_norm: float, *, owner: str, channel_norm: float | None = None,
+                        phi: str | Path | Mapping[str, torch.Tensor] | PerturbFunction | None = None,
+                        trainable: bool | None = False, impl: str = "fast", native: bool = True,
+                        generator: torch.Generator | None = None) -> Perturbation:
+    """Insert one shared :class:`PerturbFunction` at every ``"block"`` site of ``model`` (:mod:`mpbench.sites`,
+    key ``"metaperturb"``; one :class:`PerturbSite` each, the first registering the function).
+
+    - ``owner`` names the caller in the IncompatibleError raised when the model has no block sites;
+    - ``channel_norm`` None = :func:`default_channel_norm` of the sites' channels; ``spatial_norm``: the input size;
+    - ``phi``: a phi file (read with :func:`load_phi_file`), a phi state dict (copied), a PerturbFunction whose
+      parameters become this function's own (:meth:`PerturbFunction.share_phi`: meta-training's one phi shared by
+      every task's network), or None (the N(0, 0.01) initialisation: the benchmark);
+    - ``trainable``: phi's ``requires_grad``; None leaves it as it is (a shared phi keeps its owner's setting);
+    - ``impl``, ``native``: which execution runs (PerturbFunction's ``impl`` and ``native``);
+    - ``generator``: the wrappers draw the noise from it (see :class:`PerturbSite`).
+
+    The function is built after the sites are found and before anything is inserted; building it draws its
+    initialisation (82 normals) from torch's default generator, whatever ``phi``."""
+    from mpbench.sites import insert, list_sites
+
+    sites = list_sites(model, "block")
+    if not sites:
+        raise IncompatibleError(f"{owner} has no block sites to perturb")
+    source = "phi"
+    if isinstance(phi, (str, Path)):
+        source, phi = str(phi), load_phi_file(phi)
+    channels = [s.channels for s in sites]
+    fn = PerturbFunction(num_sites=len(sites), channel_norm=channel_norm or default_channel_norm(channels),
+                         spatial_norm=spatial_norm, channels=channels, impl=impl)
+    fn.native = bool(native)
+    if isinstance(phi, PerturbFunction):
+        fn.share_phi(phi)
+    elif phi is not None:
+        fn.load_phi(phi, source=source)
+    if trainable is not None:
+        fn.phi_trainable = trainable
+    wrappers = []
+    for i, s in enumerate(sites):
+        w = PerturbSite(fn, i, register=(i == 0), generator=generator)
+        insert(model, s.name, w, key="metaperturb")
+        wrappers.append(w)
+    return Perturbation(fn, wrappers, [s.name for s in sites])
+
+
+def cpu_kernel() -> str:
+    """Which execution of the fast path runs on the CPU, as results and benchmarks record it: ``native`` (the
+    fused C kernels, whose Gaussian stream is not torch.randn's) or ``pytorch (<why not native>)``."""
+    return native.describe()
 
 
 @register_regularizer("metaperturb")
@@ -74,12 +152,16 @@ class MetaPerturb(Regularizer):
                 "Architectures. NeurIPS 2020 (arXiv 2006.07540).")
     requires = ("metatrain",)
     hparams = {
-        "phi": Hparam(None, None, "phi file (e.g. the released checkpoint); null = the run's metatrain artifact"),
-        "channel_norm": Hparam(None, None, "channel normaliser of the scale function; null = widest perturbed layer"),
-        "spatial_norm": Hparam(None, None, "spatial normaliser of the scale function; null = input image size"),
-        "anneal": Hparam(0.4, None, "fraction of the steps over which the noise coefficient ramps 0 -> 1"),
-        "eval_passes": Hparam(5, None, "stochastic passes averaged at periodic evaluations"),
-        "final_eval_passes": Hparam(100, None, "stochastic passes averaged at the final evaluation"),
+        "phi": Hparam(None, "phi file or asset name (e.g. metaperturb_official); null = the run's metatrain artifact"),
+        "channel_norm": Hparam(None, "channel normaliser of the scale function; null = widest perturbed layer",
+                               optional(at_least(0, strict=True))),
+        "spatial_norm": Hparam(None, "spatial normaliser of the scale function; null = input image size",
+                               optional(at_least(0, strict=True))),
+        "anneal": Hparam(0.4, "fraction of the steps over which the noise coefficient ramps 0 -> 1 (0 = none)",
+                         at_least(0)),
+        "eval_passes": Hparam(5, "stochastic passes averaged at periodic evaluations", at_least(1, integer=True)),
+        "final_eval_passes": Hparam(100, "stochastic passes averaged at the final evaluation",
+                                    at_least(1, integer=True)),
     }
 
     def __init__(self, ctx: RunContext, **hp: Any):
@@ -89,11 +171,6 @@ class MetaPerturb(Regularizer):
         self.wrappers: list[PerturbSite] = []
         self.step = 0
         self.resolved: dict[str, Any] = {}
-        if float(self.hp["anneal"]) < 0:
-            raise UsageError(f"reg.metaperturb.anneal={self.hp['anneal']} must be >= 0 (0 = no annealing)")
-        for k in ("eval_passes", "final_eval_passes"):
-            if int(self.hp[k]) < 1:
-                raise UsageError(f"reg.metaperturb.{k}={self.hp[k]} must be >= 1")
 
     @classmethod
     def requires_for(cls, hp: dict[str, Any]) -> tuple[str, ...]:
@@ -108,15 +185,13 @@ class MetaPerturb(Regularizer):
 
     # build ------------------------------------------------------------------------------------------------------
     def phi_path(self) -> Path:
-        """The phi file: ``phi`` (a relative path is tried against the working directory, then the project root),
-        else the metatrain artifact (a directory holding ``phi.pt``, or the file itself)."""
+        """The phi file: ``phi`` (an asset name such as ``metaperturb_official``, stored by ``mpbench data prepare``
+        under the default data root, or a path: absolute or relative to the working directory), else the metatrain
+        artifact (a directory holding ``phi.pt``, or the file itself)."""
         if self.hp["phi"]:
-            p = Path(str(self.hp["phi"])).expanduser()
-            if not p.is_absolute() and not p.exists():
-                root = Path(__file__).resolve().parents[1] / p
-                if root.exists():
-                    return root
-            return p
+            from mpbench.assets import resolve_stage_file
+
+            return resolve_stage_file(str(self.hp["phi"]), None, None, key="reg.metaperturb.phi")
         art = self.ctx.artifacts.get("metatrain")
         if art is None:
             raise UsageError("metaperturb: no phi: set reg.metaperturb.phi to a phi file, or let the suite run the "
@@ -125,25 +200,14 @@ class MetaPerturb(Regularizer):
         return art / "phi.pt" if art.is_dir() else art
 
     def attach(self, model: nn.Module) -> None:
-        from mpbench.sites import insert, list_sites
-
-        sites = list_sites(model, "block")
-        if not sites:
-            raise IncompatibleError(f"metaperturb: {self.ctx.model_name} has no block sites to perturb")
         path = self.phi_path()
-        phi = load_phi_file(path)
-        channels = [s.channels for s in sites]
-        cn = self.hp["channel_norm"] or default_channel_norm(channels)
-        sn = self.hp["spatial_norm"] or self.ctx.image_size
-        self.fn = PerturbFunction(num_sites=len(sites), channel_norm=cn, spatial_norm=sn, channels=channels)
-        self.fn.load_phi(phi, source=str(path))
-        self.fn.phi_trainable = False
-        self.resolved = {"phi": str(path.resolve()), "channel_norm": float(cn), "spatial_norm": float(sn)}
-        for i, s in enumerate(sites):
-            w = PerturbSite(self.fn, i, register=(i == 0))
-            insert(model, s.name, w, key="metaperturb")
-            self.wrappers.append(w)
-            self.chosen_sites.append(s.name)
+        p = attach_perturbation(model, self.hp["spatial_norm"] or self.ctx.image_size, phi=path, trainable=False,
+                                channel_norm=self.hp["channel_norm"], owner=f"metaperturb: {self.ctx.model_name}")
+        self.fn = p.fn
+        self.resolved = {"phi": str(path.resolve()), "channel_norm": p.fn.channel_norm,
+                         "spatial_norm": p.fn.spatial_norm}
+        self.wrappers.extend(p.wrappers)
+        self.chosen_sites.extend(p.sites)
         self._set_coeff()
 
     def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -199,5 +263,5 @@ class MetaPerturb(Regularizer):
         out["resolved"] = dict(self.resolved)
         out["eval_deterministic"] = "expected multiplier (Gauss-Hermite)"
         # which execution drew the noise on the CPU (the native kernels' generator is not torch.randn's stream)
-        out["cpu_kernel"] = native.describe()
+        out["cpu_kernel"] = cpu_kernel()
         return out

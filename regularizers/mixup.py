@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup as TimmMixup
 
+from mpbench.hparams import at_least, between
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 
@@ -81,7 +82,7 @@ class Mixup(TimmMixer):
     citation = ("Zhang, Cisse, Dauphin, Lopez-Paz. mixup: Beyond Empirical Risk Minimization. ICLR 2018 "
                 "(arXiv 1710.09412).")
     hparams = {
-        "mixup_alpha": Hparam(1.0, lambda r: 10 ** r.uniform(-1, 0.5), "Beta(alpha, alpha) of lambda"),
-        "prob": Hparam(1.0, None, "probability of mixing a batch"),
+        "mixup_alpha": Hparam(1.0, "Beta(alpha, alpha) of lambda", at_least(0, strict=True)),
+        "prob": Hparam(1.0, "probability of mixing a batch", between(0, 1)),
     }
     mixup_alpha_key = "mixup_alpha"

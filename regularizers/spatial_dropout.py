@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from mpbench.errors import IncompatibleError
+from mpbench.hparams import between
 from mpbench.regularization import Hparam, Regularizer, RunContext, register_regularizer
 
 
@@ -18,7 +19,7 @@ class SpatialDropout(Regularizer):
 
     citation = ("Tompson, Goroshin, Jain, LeCun, Bregler. Efficient Object Localization Using Convolutional "
                 "Networks. CVPR 2015.")
-    hparams = {"p": Hparam(0.1, lambda r: r.uniform(0.0, 0.3), "probability of dropping a channel")}
+    hparams = {"p": Hparam(0.1, "probability of dropping a channel", between(0, 1, hi_open=True))}
 
     @classmethod
     def check(cls, model: nn.Module, ctx: RunContext) -> None:

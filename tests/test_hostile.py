@@ -75,11 +75,26 @@ case("model-kwarg", 2, "model_kwargs")(lambda t, r: ["run", suite_file(t), "mode
 case("stage-file-missing", 2, "not found")(lambda t, r: ["run", suite_file(t), "stages.pretrain.dataset=synthetic",
                                                          "grid.regularizer=[finetune]",
                                                          f"stages.pretrain.file={t}/nope.pt"])
+# --- preflight: found before anything trains (exit 2, nothing written) ---------------------------------------------
+case("dataset-files-missing", 2, "cifar100")(lambda t, r: ["run", suite_file(t), "grid.dataset=[cifar100]",
+                                                           "--data", str(t / "empty")])
+case("hparam-range", 2, "reg.dropblock.drop_prob=1.5")(
+    lambda t, r: ["run", suite_file(t), "grid.regularizer=[dropblock]", "reg.dropblock.drop_prob=1.5"])
+case("hparam-negative", 2, "reg.dropout.p=-0.2")(
+    lambda t, r: ["run", suite_file(t), "grid.regularizer=[dropout]", "reg.dropout.p=-0.2"])
+case("hparam-choice", 2, "one of head, blocks, both")(
+    lambda t, r: ["run", suite_file(t), "grid.regularizer=[dropout]", "reg.dropout.where=everywhere"])
+case("hparam-grid-value", 2, "reg.dropout.p=2")(
+    lambda t, r: ["run", suite_file(t), "grid.regularizer=[dropout]", "grid.reg.dropout.p=[0.1,2]"])
+case("eval-unknown", 2, "unknown evaluation")(lambda t, r: ["run", suite_file(t), "eval=[classifcation]"])
+case("eval-setting", 2, "eval_settings.classification.bins")(
+    lambda t, r: ["run", suite_file(t), "eval_settings.classification.bins=0"])
+case("stage-dataset-missing", 2, "cifar100")(
+    lambda t, r: ["run", suite_file(t), "grid.regularizer=[finetune]", "stages.pretrain.dataset=cifar100",
+                  "--data", str(t / "empty")])
 # --- runtime problems (exit 1, the run records why; nothing else is touched) ---------------------------------------
 case("batch-larger-than-dataset", 1, "larger than the training set")(
     lambda t, r: ["run", suite_file(t), "train.batch_size=100000"])
-case("dataset-files-missing", 1, "cifar100")(lambda t, r: ["run", suite_file(t), "grid.dataset=[cifar100]",
-                                                           "--data", str(t / "empty")])
 
 
 def _corrupt_checkpoint(t: Path, r: Path) -> list[str]:
@@ -100,8 +115,25 @@ def _corrupt_artifact(t: Path, r: Path) -> list[str]:
     return ["run", suite_file(t), "grid.regularizer=[finetune]", f"stages.pretrain.file={bad}"]
 
 
+class _Payload:
+    """Unpickling this calls a function: what a hostile checkpoint does."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def _pickled_phi(t: Path, r: Path) -> list[str]:
+    """A phi file that carries a pickle payload (code that would run on a plain torch.load)."""
+    import torch
+
+    bad = t / "phi.pt"
+    torch.save({"kernel": _Payload()}, bad)
+    return ["run", suite_file(t), "grid.regularizer=[metaperturb]", f"stages.metatrain.file={bad}"]
+
+
 case("checkpoint-corrupt", 1, "delete it")(_corrupt_checkpoint)
-case("artifact-not-a-checkpoint", 1, "model.pt")(_corrupt_artifact)
+case("artifact-not-a-checkpoint", 2, "stages.pretrain.file")(_corrupt_artifact)
+case("phi-pickle-payload", 2, "cannot read MetaPerturb phi")(_pickled_phi)
 
 
 # --- the results dir itself --------------------------------------------------------------------------------------

@@ -15,11 +15,9 @@ import torch.nn.functional as F
 
 import mpbench.models  # noqa: F401  (registers resnet20 & co. into timm)
 from mpbench.errors import UsageError
-from mpbench.regularization import REGULARIZERS, RunContext
-from regularizers import _perturb_native as native
-from regularizers._perturb import PHI_NUMEL, PHI_SHAPES, load_phi_file
-from regularizers._perturb_fast import _softplus_sigmoid, expected_softplus, standard_normal
-from regularizers.metaperturb import MetaPerturb, PerturbFunction, PerturbSite
+from mpbench.regularization import REGULARIZERS, RunContext, resolve_hparams
+from regularizers.metaperturb import (PHI_NUMEL, PHI_SHAPES, MetaPerturb, PerturbFunction, PerturbSite,
+                                      expected_softplus, load_phi_file, native, softplus_sigmoid, standard_normal)
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "metaperturb_official_tin_resnet20_750.pth"
 needs_official = pytest.mark.skipif(not OFFICIAL.is_file(), reason="released phi not present (../shared/reference)")
@@ -230,7 +228,7 @@ def test_reference_matches_hand_derivation_with_the_released_phi(var_factor):
 
 def test_softplus_and_sigmoid_helper_are_exact():
     t = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 79.9, 80.0, 80.1, 1e4, -1e4])])
-    z, sig = _softplus_sigmoid(t.clone())
+    z, sig = softplus_sigmoid(t.clone())
     torch.testing.assert_close(z, F.softplus(t), atol=2e-7, rtol=1e-6)
     torch.testing.assert_close(sig, torch.sigmoid(t), atol=2e-7, rtol=0)
     assert torch.isfinite(z).all()
@@ -465,8 +463,8 @@ def test_plugin_uses_the_metatrain_artifact(tmp_path, phi_file):
     with pytest.raises(UsageError, match="not found"):
         MetaPerturb(ctx_for(tmp_path), phi=str(tmp_path / "nope.pt")).attach(
             timm.create_model("conv4", num_classes=10, width=8))
-    with pytest.raises(UsageError):
-        MetaPerturb(ctx_for(tmp_path), phi=str(phi_file), final_eval_passes=0)
+    with pytest.raises(UsageError, match="final_eval_passes=0"):
+        resolve_hparams("metaperturb", {"phi": str(phi_file), "final_eval_passes": 0})     # at plan time
 
 
 def test_bench_smoke():

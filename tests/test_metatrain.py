@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from mpbench.data import load_dataset
-from mpbench.metatrain import (MetaTrainer, _is_bn, choose, halves, make_tasks, metatrain, selection_data)
+from mpbench.metatrain import MetaTrainer, choose, halves, make_tasks, metatrain, selection_data
+from mpbench.sites import is_batchnorm
 from mpbench.train import Interrupted, RunHooks
 
 CPU = torch.device("cpu")
@@ -108,7 +109,7 @@ def test_phi_step_is_the_task_average_and_theta_gets_no_phi_update(tmp_path):
         lr.opt.step()
         bn_before.append({n: b.clone() for n, b in net.named_buffers() if "running" in n and "metaperturb" not in n})
         for m in net.modules():
-            if _is_bn(m):
+            if is_batchnorm(m):
                 m.eval()
         for p in man.phi.parameters():
             p.requires_grad_(True)

@@ -11,8 +11,7 @@ import math
 import pytest
 import torch
 
-from regularizers import _perturb_native as native
-from regularizers._perturb import PerturbFunction
+from regularizers.metaperturb import PerturbFunction, native
 
 
 def frozen(num_sites=1, **kw) -> PerturbFunction:
@@ -28,10 +27,10 @@ def frozen(num_sites=1, **kw) -> PerturbFunction:
 def test_the_kernel_builds_here_and_is_cached(tmp_path, monkeypatch):
     assert native.library() is not None, native.why_unavailable()
     monkeypatch.setenv("MPBENCH_CACHE", str(tmp_path))
-    first = native._build()
+    first = native.build()
     assert first.parent == tmp_path / "kernels" and first.is_file()
     stamp = first.stat().st_mtime_ns
-    assert native._build() == first and first.stat().st_mtime_ns == stamp      # reused, not rebuilt
+    assert native.build() == first and first.stat().st_mtime_ns == stamp      # reused, not rebuilt
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]    # no temporary left behind
 
 
@@ -60,7 +59,7 @@ def test_a_broken_source_is_a_build_error_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setenv("MPBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "SOURCE", bad)
     with pytest.raises(RuntimeError, match="C compiler failed"):
-        native._build()
+        native.build()
     assert not list((tmp_path / "kernels").iterdir())
 
 
@@ -139,4 +138,4 @@ def test_an_unwritable_cache_names_the_fix(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("MPBENCH_CACHE", str(blocker))           # a file where the cache directory should be
     with pytest.raises(RuntimeError, match="MPBENCH_CACHE to a writable directory"):
-        native._build()
+        native.build()

@@ -14,8 +14,9 @@ import torch
 import mpbench.models  # noqa: F401
 from mpbench.errors import IncompatibleError
 from mpbench.regularization import REGULARIZERS, resolve_hparams
-from mpbench.stages import save_tensors
-from mpbench.train import RunHooks, build, predict, train_loop
+from mpbench.store import save_tensors
+from mpbench.evals.classification import predict_metrics
+from mpbench.train import RunHooks, build, train_loop
 
 PAPER_ARCHS = ["resnet20", "conv4", "vgg9", "wrn_28_2"]
 METHODS = [n for n in REGULARIZERS.names() if not n.startswith("test_")]
@@ -69,8 +70,8 @@ def test_trains_two_steps_and_records_protocol(method, model, tmp_path):
     json.dumps(desc)                                   # recorded in result.json
     if not setup.stack.eval_protocol.stochastic:       # deterministic protocol: two evaluations agree exactly
         x, y = setup.test_x[:16], setup.test_y[:16]
-        a = predict(setup.model, x, y, 16, 1, torch.device("cpu"))
-        b = predict(setup.model, x, y, 16, 1, torch.device("cpu"))
+        a = predict_metrics(setup.model, x, y, 16, 1, torch.device("cpu"))
+        b = predict_metrics(setup.model, x, y, 16, 1, torch.device("cpu"))
         assert a == b
 
 

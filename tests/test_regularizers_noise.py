@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
 import numpy as np
 import pytest
@@ -48,13 +47,12 @@ def site_kind(model, name):
 # ---- registry -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
-def test_registered_with_citation_defaults_and_samplers(name):
+def test_registered_with_citation_and_valid_defaults(name):
     cls = REGULARIZERS.get(name)
     assert cls.name == name and cls.citation and cls.__doc__
-    rng = random.Random(0)
-    for hp in cls.hparams.values():
-        if hp.sample is not None:
-            hp.sample(rng)
+    for key, hp in cls.hparams.items():
+        assert hp.help, f"{name}.{key} has no help line"
+        assert hp.check is None or hp.check(hp.default) is None, f"{name}.{key}: default fails its own check"
     assert cls.mixes_batch == (name in ("manifold_mixup", "mixup", "cutmix"))
 
 

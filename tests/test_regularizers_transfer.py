@@ -12,8 +12,8 @@ from torch import nn
 
 import mpbench.models  # noqa: F401  (registers resnet20 & co. into timm)
 from mpbench.errors import IncompatibleError, UsageError
-from mpbench.regularization import REGULARIZERS, RegularizerStack, RunContext, build_stack
-from regularizers._transfer import is_batchnorm, under
+from mpbench.regularization import REGULARIZERS, RegularizerStack, RunContext, build_stack, resolve_hparams
+from mpbench.sites import is_batchnorm
 from regularizers.bss import bss_value
 from regularizers.delta import feature_sites
 
@@ -82,6 +82,11 @@ def build(names: list[str], ctx: RunContext, model: nn.Module, hp: dict | None =
 def bn_keys(model: nn.Module) -> set[str]:
     names = {n for n, m in model.named_modules() if is_batchnorm(m)}
     return {k for k in model.state_dict() if k.rsplit(".", 1)[0] in names}
+
+
+def under(key: str, module: str) -> bool:
+    """``key`` names ``module`` or something inside it."""
+    return key == module or key.startswith(module + ".")
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -390,7 +395,7 @@ def test_delta_rejects_attention_and_turns_weight_decay_off(tmp_path):
     art, _ = make_artifact(tmp_path)
     ctx = make_ctx(art, reg={"delta": {"attention": True}})
     with pytest.raises(UsageError) as e:
-        REGULARIZERS.get("delta").check(fresh(), ctx)
+        resolve_hparams("delta", {"attention": True})         # at plan time
     assert "attention" in one_line(e)
     with pytest.raises(UsageError) as e:
         build_stack(["delta"], {"delta": {"attention": True}}, ctx)

@@ -7,8 +7,6 @@ A dataset is one class in a family module (``mpbench/data/<family>.py``) decorat
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -135,7 +133,7 @@ class DatasetSource:
     def error(self, what: str, root: Path | None = None) -> DataMissingError:
         """A one-line ``DataMissingError`` naming the dataset, the problem and how to get the data."""
         how = self.how_to_get.replace("<data root>", str(root)) if root is not None else self.how_to_get
-        return DataMissingError(one_line(f"dataset {self.name!r}: {what}; to get it: {how}"))
+        return DataMissingError(" ".join(f"dataset {self.name!r}: {what}; to get it: {how}".split()))
 
     def require(self, root: Path, split: str) -> list[Path]:
         """The split's files, raising when one is missing."""
@@ -151,10 +149,6 @@ class DatasetSource:
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}: valid: {', '.join(SPLITS)}")
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
@@ -183,16 +177,3 @@ def split_per_class(labels: np.ndarray, num_classes: int, n_train: Callable[[np.
     cut = np.asarray(n_train(np.bincount(labels, minlength=num_classes)))
     train = class_ranks(labels, num_classes) < cut[labels]
     return train if split == "train" else ~train
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpbench.data.base import DatasetSource, ImageData, atomic_write_bytes, register_dataset, split_per_class
+from mpbench.data.base import DatasetSource, ImageData, register_dataset, split_per_class
+from mpbench.store import atomic_write
 
 FASHION_MNIST_SRC = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -122,5 +123,6 @@ class FashionMNIST(DatasetSource):
             raise self.error(f"no files in {raw} and {src} lacks {', '.join(missing)}", root)
         for name, path in found.items():
             data = path.read_bytes()
-            atomic_write_bytes(raw / name, gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+            raw.mkdir(parents=True, exist_ok=True)
+            atomic_write(raw / name, gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
         return f"{self.name}: unpacked {len(found)} files from {src} into {raw}; {self.verify(root)}"

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mpbench.errors import UsageError
+from mpbench.jobs import JOB_KINDS
 from mpbench.plan import Job, Plan
 from mpbench.progress import SuiteProgress
 from mpbench.registry import Registry
@@ -29,6 +33,41 @@ def register_launcher(name: str, description: str = "", validate: Callable[[Dict
                       ) -> Callable:
     """``validate(launcher_cfg)`` raises UsageError for bad settings before anything is written or submitted."""
     return LAUNCHERS.register(name, description=description, validate=validate)
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids without initialising CUDA: CUDA_VISIBLE_DEVICES, else ``nvidia-smi -L``."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def device_slots(devices, slots: int) -> list[str | None]:
+    """One entry per concurrent worker: a GPU id, or None for CPU."""
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    if devices == "cpu":
+        return [None] * slots
+    if devices == "auto":
+        gpus = visible_gpus()
+    else:
+        gpus = [str(d) for d in (devices if isinstance(devices, list) else [devices])]
+        avail = visible_gpus()
+        missing = [g for g in gpus if g not in avail]
+        if missing:
+            raise UsageError(f"launcher.devices names GPU {missing[0]} but visible GPUs are {avail or 'none'}: "
+                             f"fix launcher.devices (or use launcher.devices=cpu)")
+    return [g for g in gpus for _ in range(slots)] or [None] * slots
+
+
+def job_steps(job: Job) -> int:
+    """Steps of a job, for progress bars."""
+    return JOB_KINDS.get(job.kind).steps(job.spec)
 
 
 def validate_launcher(cfg: DictConfig) -> None:

@@ -13,42 +13,9 @@ import subprocess
 import sys
 import time
 
-from omegaconf import ListConfig
-
-from mpbench.errors import UsageError
-from mpbench.launchers import Request, outcome_detail, register_launcher
+from mpbench.launchers import Request, device_slots, job_steps, outcome_detail, register_launcher
 from mpbench.plan import Job
 from mpbench.worker import OUTCOME
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids without initialising CUDA: CUDA_VISIBLE_DEVICES, else ``nvidia-smi -L``."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
-
-
-def device_slots(devices, slots: int) -> list[str | None]:
-    """One entry per concurrent worker: a GPU id, or None for CPU."""
-    if isinstance(devices, ListConfig):
-        devices = list(devices)
-    if devices == "cpu":
-        return [None] * slots
-    if devices == "auto":
-        gpus = visible_gpus()
-    else:
-        gpus = [str(d) for d in (devices if isinstance(devices, list) else [devices])]
-        avail = visible_gpus()
-        missing = [g for g in gpus if g not in avail]
-        if missing:
-            raise UsageError(f"launcher.devices names GPU {missing[0]} but visible GPUs are {avail or 'none'}: "
-                             f"fix launcher.devices (or use launcher.devices=cpu)")
-    return [g for g in gpus for _ in range(slots)] or [None] * slots
 
 
 @register_launcher("pool", "local worker processes, launcher.slots per device (cpu or GPU ids)",
@@ -79,7 +46,7 @@ def launch_pool(req: Request, jobs: list[Job]) -> dict[str, str]:
                 log.close()
                 running[slot] = (proc, job)
                 if prog:
-                    prog.started(job.id, job.spec.get("train", {}).get("steps") or job.spec.get("steps"))
+                    prog.started(job.id, job_steps(job))
             if req.fail_fast and "failed" in outcomes.values():
                 queue.clear()
             time.sleep(0.3)

@@ -5,7 +5,7 @@ One concept per module: :mod:`.tasks` (source tasks, held-out data), :mod:`.lear
 phi), :mod:`.trainer` (the first-order meta step), :mod:`.loop` (the step loop, stop and checkpoints),
 :mod:`.distributed` (ranks and all-reduce), :mod:`.selection` (best of runs), :mod:`.record` (provenance).
 
-The stage spec is ``MetatrainStage`` (mpbench/config.py) without ``file``: ``select_steps`` null means
+The stage spec is ``MetatrainStage`` (mpbench/jobs/metatrain.py, the stage's job kind) without ``file``: ``select_steps`` null means
 ``min(steps, 200)``, ``model_kwargs`` go to ``timm.create_model``, and the runner passes ``checkpoint_every`` as
 ``RunHooks.checkpoint_every``. Output: ``phi.pt``, phi's state dict only (82 floats under the released names).
 """
@@ -20,16 +20,14 @@ import torch
 
 from mpbench.errors import RunFailed, UsageError
 from mpbench.metatrain.distributed import WORLD_ENV, backend_for, train_distributed, world_size_from_env
-from mpbench.metatrain.learner import _is_bn
 from mpbench.metatrain.loop import Control, run_steps
 from mpbench.metatrain.record import artifact_record
 from mpbench.metatrain.selection import choose, selection_score
 from mpbench.metatrain.tasks import Task, halves, make_tasks, selection_data, source_tasks
 from mpbench.metatrain.trainer import MetaTrainer
-from mpbench.stages import register_stage, save_tensors
 from mpbench.train import RunHooks
 
-__all__ = ["MetaTrainer", "Task", "_is_bn", "build_metatrain", "choose", "halves", "make_tasks", "metatrain",
+__all__ = ["MetaTrainer", "Task", "choose", "halves", "make_tasks", "metatrain",
            "selection_data"]
 
 CHECKPOINT_VERSION = 1
@@ -127,11 +125,3 @@ def metatrain(spec: dict[str, Any], data_root: Path, device: torch.device, hooks
     best = choose([d["score"] for d in done])
     out = artifact_record(spec, tasks, done, best, info, sel, select_steps, world, history, train_time, started)
     return out, done[best]["phi"]
-
-
-@register_stage("metatrain", "MetaPerturb meta-training of the perturbation function on class-disjoint source "
-                             "tasks; output: phi.pt (82 floats)")
-def build_metatrain(spec: dict[str, Any], rd, ex) -> dict[str, Any]:
-    out, phi = metatrain(spec, ex.data_root, ex.device, ex.hooks)
-    save_tensors(Path(rd.path) / "phi.pt", phi)
-    return out

@@ -1,12 +1,13 @@
 """One source task's learner theta_k, with phi shared (``shared/design/metaperturb.md`` sections 1-2).
 
 Each task has its own network (the stage's ``model``, built with ``timm.create_model``) with its own
-:class:`~regularizers._perturb.PerturbFunction` at every ``"block"`` site: per-site running statistics are per
-task, as in the release where every task is its own process, and the six parameters *are* the shared phi.
-``channel_norm`` / ``spatial_norm`` follow the MetaPerturb regularizer (widest perturbed layer, image size).
-Every random stream (initialisation, train and valid batches, Gaussian draws) is a generator seeded from
-``(run seed, task, purpose)``, so every execution mode draws the same numbers. Train and valid batches are both
-augmented per ``augment`` (both are training images of the source set).
+:class:`~regularizers.metaperturb.PerturbFunction` at every ``"block"`` site, wired as the MetaPerturb regularizer
+wires it (:func:`regularizers.metaperturb.attach_perturbation`: widest perturbed layer as ``channel_norm``, image
+size as ``spatial_norm``): per-site running statistics are per task, as in the release where every task is its own
+process, and the six parameters *are* the shared phi. Every random stream (initialisation, train and valid
+batches, Gaussian draws) is a generator seeded from ``(run seed, task, purpose)``, so every execution mode draws
+the same numbers. Train and valid batches are both augmented per ``augment`` (both are training images of the
+source set).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from mpbench.batches import BatchStream
 from mpbench.data.base import ImageData
-from mpbench.errors import RunFailed, UsageError
+from mpbench.errors import RunFailed
+from mpbench.sites import is_batchnorm
 
 # purposes of the per-task random streams
 INIT, TRAIN, VALID, EPS = 0, 1, 2, 3
@@ -35,45 +37,14 @@ def stream_seeds(*parts: int) -> tuple[int, int, int, int]:
     return tuple(derive_seed(*parts, p) for p in (INIT, TRAIN, VALID, EPS))
 
 
-class TaskSite(nn.Module):
-    """``out = fn(h, site=index, eps=<draw from this task's generator>)`` at one insertion site, noise coefficient 1.
-
-    The first site registers ``fn`` as its submodule; the others hold a plain reference (one module per net)."""
-
-    def __init__(self, fn, index: int, gen: torch.Generator, register: bool):
-        super().__init__()
-        if register:
-            self.fn = fn
-        else:
-            self.__dict__["fn"] = fn
-        self.__dict__["gen"] = gen
-        self.index = int(index)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        fn = self.fn
-        eps = None if fn.deterministic else torch.randn(h.shape, generator=self.gen, device=h.device, dtype=h.dtype)
-        return fn(h, site=self.index, noise_coeff=1.0, eps=eps)
-
-
 def new_phi(seed: int, device: torch.device):
     """A fresh phi (PerturbFunction parameters, N(0, 0.01) init) seeded by ``seed``."""
-    from regularizers._perturb import PerturbFunction
+    from regularizers.metaperturb import PerturbFunction
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         phi = PerturbFunction(num_sites=1)
     return phi.to(device)
-
-
-def _share_phi(fn: nn.Module, phi: nn.Module) -> None:
-    """Make ``fn``'s six parameters the very Parameter objects of ``phi``."""
-    for name, p in phi.named_parameters():
-        mod, _, attr = name.rpartition(".")
-        setattr(fn.get_submodule(mod) if mod else fn, attr, p)
-
-
-def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
 class Learner:
@@ -85,30 +56,23 @@ class Learner:
         import timm
 
         import mpbench.models  # noqa: F401  (registers the CIFAR networks into timm)
-        from mpbench.sites import insert, list_sites
-        from regularizers._perturb import PerturbFunction
-        from regularizers.metaperturb import default_channel_norm
+        from regularizers.metaperturb import attach_perturbation
 
         init, s_train, s_valid, s_eps = seeds
         self.device = device
         in_chans, size = int(train.images.shape[1]), int(train.images.shape[-1])
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(s_eps)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init)
             net = timm.create_model(spec["model"], num_classes=num_classes, in_chans=in_chans,
                                     **dict(spec["model_kwargs"]))
-            sites = list_sites(net, "block")
-            if not sites:
-                raise UsageError(f"stages.metatrain.model={spec['model']} has no block sites to perturb")
-            channels = [s.channels for s in sites]
-            fn = PerturbFunction(num_sites=len(sites), channel_norm=default_channel_norm(channels),
-                                 spatial_norm=size, channels=channels)
-        _share_phi(fn, phi)
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(s_eps)
-        for i, s in enumerate(sites):
-            insert(net, s.name, TaskSite(fn, i, self.gen, register=(i == 0)), key="metaperturb")
-        self.net, self.fn = net.to(device), fn
-        self.sites = [s.name for s in sites]
+            # phi shared (its requires_grad as the trainer sets it), each site's noise from this task's generator
+            wired = attach_perturbation(net, size, phi=phi, trainable=None, generator=self.gen,
+                                        owner=f"stages.metatrain.model={spec['model']}")
+        self.net, self.fn = net.to(device), wired.fn
+        self.sites = wired.sites
+        fn = self.fn
         self.channel_norm, self.spatial_norm = fn.channel_norm, fn.spatial_norm
         phi_ids = {id(p) for p in phi.parameters()}
         self.phi_params = list(phi.parameters())
@@ -141,7 +105,7 @@ class Learner:
         """BatchNorm in eval mode, perturbation in training mode: d CE(valid batch) / d phi (theta untouched)."""
         self.net.train()
         for m in self.net.modules():
-            if _is_bn(m):
+            if is_batchnorm(m):
                 m.eval()
         self.fn.phi_trainable = True
         try:

@@ -21,7 +21,7 @@ SELECT_SALT = 0x5E1EC7   # seeds of the held-out selection network (one for all 
 def selection_score(spec: dict[str, Any], phi_state: dict[str, torch.Tensor], data: tuple[ImageData, ImageData],
                     device: torch.device, steps: int) -> dict[str, float]:
     """Train a fresh network ``steps`` steps with phi frozen on ``data[0]``, score it on ``data[1]``."""
-    from mpbench.train import predict
+    from mpbench.evals.classification import predict_metrics
 
     sel_train, sel_valid = data
     phi = new_phi(0, device)
@@ -32,7 +32,7 @@ def selection_score(spec: dict[str, Any], phi_state: dict[str, torch.Tensor], da
     learner.inner(steps)
     learner.fn.deterministic = True
     try:
-        out = predict(learner.net, sel_valid.images, sel_valid.labels, 500, 1, device)
+        out = predict_metrics(learner.net, sel_valid.images, sel_valid.labels, 500, 1, device)
     finally:
         learner.fn.deterministic = False
     return {"acc": float(out["acc"]), "nll": float(out["nll"]), "ece": float(out["ece"])}
