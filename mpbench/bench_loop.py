@@ -50,8 +50,9 @@ def fake_artifacts(kinds: tuple[str, ...], model: str, in_chans: int, root: Path
     return out
 
 
-def _setup(methods: list[str], model: str, batch: int, size: int, steps: int, device: torch.device,
-           tmp: Path, n: int = 2048, classes: int = 10) -> tuple[Setup, dict[str, Any]]:
+def probe_setup(methods: list[str], model: str, batch: int, size: int, steps: int, device: torch.device,
+                tmp: Path, n: int = 2048, classes: int = 10) -> tuple[Setup, dict[str, Any]]:
+    """A run of ``methods`` on ``model`` over random ``size`` px images, with stand-in stage outputs."""
     torch.manual_seed(0)
     data = ImageData(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.arange(n) % classes, classes)
     spec = _spec(methods, model, batch, steps)
@@ -110,7 +111,7 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _mpbench_step(setup: Setup, spec: dict[str, Any], device: torch.device):
+def probe_step(setup: Setup, spec: dict[str, Any], device: torch.device):
     """One step exactly as train_loop takes it (Stepper + the loop's per-step loss read-out)."""
     stepper = Stepper(setup, spec, device)
     count = iter(range(10 ** 9))
@@ -130,9 +131,9 @@ def bench_loop(model: str = "resnet20", batch: int = 128, size: int = 32, thread
     tune_for_training()                      # as every training run does (mpbench.malloc)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        setup, spec = _setup(["base"], model, batch, size, steps, dev, Path(tmp))
+        setup, spec = probe_setup(["base"], model, batch, size, steps, dev, Path(tmp))
         setup.model.train()
-        fns = {"mpbench": _mpbench_step(setup, spec, dev), "bare": _bare_step(setup, spec, dev)}
+        fns = {"mpbench": probe_step(setup, spec, dev), "bare": _bare_step(setup, spec, dev)}
         med, _ = interleaved_medians(fns, warmup, steps)
     m_loop, m_bare = med["mpbench"], med["bare"]
     return {"setup": f"{model}, batch {batch}, {size}px, Adam, {threads} threads, {device}, median of {steps} "
@@ -153,9 +154,9 @@ def bench_regularizers(model: str = "resnet20", batch: int = 128, size: int = 32
         fns = {}
         for m in methods:
             try:
-                setup, spec = _setup([m], model, batch, size, warmup + steps, dev, Path(tmp))
+                setup, spec = probe_setup([m], model, batch, size, warmup + steps, dev, Path(tmp))
                 setup.model.train()
-                fns[m] = _mpbench_step(setup, spec, dev)
+                fns[m] = probe_step(setup, spec, dev)
             except Exception as e:  # noqa: BLE001 - an incompatible method is reported, not fatal
                 skipped[m] = str(e).splitlines()[0]
         med, _ = interleaved_medians(fns, warmup, steps)

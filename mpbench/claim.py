@@ -17,14 +17,21 @@ from typing import Any
 HOST = socket.gethostname()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie counts as gone: it runs nothing)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True                                # no /proc (not Linux): kill(pid, 0) said it exists
 
 
 def read_claim(lock: Path) -> dict[str, Any] | None:
@@ -43,11 +50,26 @@ def slurm_job_id() -> str | None:
 
 
 def is_stale(claim: dict[str, Any], stale_after_s: float) -> bool:
-    if claim.get("host") == HOST and not _pid_alive(int(claim.get("pid", -1))):
+    if claim.get("host") == HOST and not pid_alive(int(claim.get("pid", -1))):
         return True
     if claim.get("slurm_job_id") and claim.get("slurm_job_id") == slurm_job_id():
         return True                                # our own job's previous attempt: Slurm requeued it, it is dead
     return time.time() - float(claim.get("heartbeat", 0)) > stale_after_s
+
+
+def holder_gone(claim: dict[str, Any], stale_after_s: float | None = None) -> str | None:
+    """Why the process holding ``claim`` is not working on it any more, or None when it may be: its pid is dead
+    on this host, or its heartbeat is older than the claim's own stale limit (``stale_after_s`` when it records
+    none). For display: unlike :func:`is_stale` it does not treat this Slurm job's claims as its own."""
+    who = f"process {claim.get('pid', '?')} on {claim.get('host', '?')}"
+    try:
+        if claim.get("host") == HOST and not pid_alive(int(claim.get("pid", -1))):
+            return f"{who} is gone"
+        limit = float(claim.get("stale_after_s") or stale_after_s or 300.0)
+        age = time.time() - float(claim.get("heartbeat", 0))
+    except (TypeError, ValueError):
+        return f"{who}: its claim is unreadable"
+    return f"{who} sent no heartbeat for {age:.0f}s (limit {limit:.0f}s)" if age > limit else None
 
 
 class Claim:
@@ -56,7 +78,8 @@ class Claim:
     def __init__(self, lock: Path, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
                  info: dict[str, Any] | None = None):
         self.lock, self.heartbeat_s, self.stale_after_s = Path(lock), heartbeat_s, stale_after_s
-        self.info = {"host": HOST, "pid": os.getpid(), "started": time.time(), **(info or {})}
+        self.info = {"host": HOST, "pid": os.getpid(), "started": time.time(), "stale_after_s": stale_after_s,
+                     **(info or {})}
         self.held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -50,7 +50,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="check and print the plan (stages, runs, what is already done); no training")
+@click.option("--dry-run", is_flag=True, help="check and print the plan: every job, its state and the keys that vary "
+                                            "between jobs; no training")
+@click.option("--estimate/--no-estimate", default=True, show_default=True,
+              help="with --dry-run: estimate device-hours from short probes of each distinct step (cached)")
+@click.option("--cfg", "show_cfg", is_flag=True, help="print the fully resolved suite (every default filled in) and exit")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="with --dry-run: the plan as a table or as JSON")
 @click.option("--force", is_flag=True, help="rerun runs that are already done")
@@ -59,7 +63,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @results_option
 @click.option("--data", "data", type=click.Path(), default=None,
               help="dataset directory (default: env MPBENCH_DATA, else a user cache dir)")
-def run(overrides: tuple[str, ...], dry_run: bool, fmt: str, force: bool, retry_failed: bool, fail_fast: bool,
+def run(overrides: tuple[str, ...], dry_run: bool, estimate: bool, show_cfg: bool, fmt: str, force: bool, retry_failed: bool, fail_fast: bool,
         results: str | None, data: str | None) -> None:
     """Run a suite: `mpbench run suite=NAME [key=value ...]`.
 
@@ -74,6 +78,7 @@ def run(overrides: tuple[str, ...], dry_run: bool, fmt: str, force: bool, retry_
     """
     from mpbench.config import load_suite, parse_overrides
     from mpbench.launchers import Request, run_plan
+    from mpbench.plan import expand
     from mpbench.preflight import preflight
     from mpbench.progress import SuiteProgress
     from mpbench.store import prepare_results_dir
@@ -82,15 +87,21 @@ def run(overrides: tuple[str, ...], dry_run: bool, fmt: str, force: bool, retry_
     if suite is None:
         raise UsageError("no suite given: `mpbench run suite=NAME` (see `mpbench list suites`)")
     cfg = load_suite(suite, rest)
+    if show_cfg:
+        from omegaconf import OmegaConf
+
+        click.echo(OmegaConf.to_yaml(cfg), nl=False)
+        return
     res, data_root = _results_dir(results), _data_dir(data)
     plan = preflight(cfg, res, data_root)
     if dry_run:
-        _print_plan(plan, res, fmt)
+        _print_plan(plan, res, fmt, _estimate(plan, cfg) if estimate else None)
         return
+    defined = expand(load_suite(suite, []), data_root, problems=[]) if rest else None   # for the suite's record
     res = prepare_results_dir(res)
     with SuiteProgress(len(plan.jobs), plan.suite, console=err_console) as prog:
         req = Request(plan, cfg, res, data_root, force=force, fail_fast=fail_fast, retry_failed=retry_failed,
-                      progress=prog)
+                      progress=prog, overrides=rest, defined=defined)
         outcomes = run_plan(req)
     err_console.print(prog.summary(), highlight=False)
     failed = [k for k, v in outcomes.items() if v == "failed"]
@@ -104,19 +115,59 @@ def run(overrides: tuple[str, ...], dry_run: bool, fmt: str, force: bool, retry_
         sys.exit(1)
 
 
-def _print_plan(plan, results: Path, fmt: str) -> None:
-    rows = [{"kind": job.kind, "id": job.id, "state": job.dir(results).state() if job.dir(results).path.exists()
-             else "pending", "needs": job.deps} for job in plan.jobs]
+def _estimate(plan, cfg) -> dict:
+    """Device-hours of the plan on the device (and threads per run) the launcher would use."""
+    import torch
+
+    from mpbench.estimate import estimate
+    from mpbench.launchers import device_slots
+
+    slots = device_slots(cfg.launcher.devices, cfg.launcher.slots)
+    torch.set_num_threads(cfg.launcher.threads or max(1, (os.cpu_count() or 1) // len(slots)))
+    device = torch.device("cpu" if slots[0] is None else "cuda:0")
+    say = lambda p, i, n: err_console.print(f"probing step time {i}/{n}: {p.model} {p.image_size}px "  # noqa: E731
+                                            f"{'+'.join(p.methods)} batch {p.batch}", highlight=False)
+    return {**estimate(plan, device, say), "slots": len(slots)}
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds / 60:,.1f} min"
+
+
+def _print_plan(plan, results: Path, fmt: str, cost: dict | None = None) -> None:
+    """Every job with its state and the spec keys that vary between jobs of its kind (and the estimate)."""
+    from mpbench.plan import flatten, short_key, varying_keys
+
+    kinds = list(dict.fromkeys(job.kind for job in plan.jobs))
+    groups = {k: [j for j in plan.jobs if j.kind == k] for k in kinds}
+    keys = {k: [key for key in varying_keys(jobs, skip=()) if not key.startswith("artifacts.")]
+            for k, jobs in groups.items()}
+    rows = []
+    for job in plan.jobs:
+        rd, flat = job.dir(results), flatten(job.spec)
+        rows.append({"kind": job.kind, "id": job.id, "state": rd.state() if rd.path.exists() else "pending",
+                     "needs": job.deps, "varying": {k: flat.get(k) for k in keys[job.kind]}})
     if fmt == "json":
         click.echo(json.dumps({"suite": plan.suite, "stages": len(plan.artifacts), "runs": len(plan.runs),
-                               "jobs": rows}, indent=1))
+                               "jobs": rows, "estimate": cost}, indent=1, default=str))
         return
-    table = Table(title=f"plan for suite {plan.suite}: {len(plan.artifacts)} stage(s), {len(plan.runs)} run(s)")
-    for col in ("kind", "id", "state", "needs"):
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(row["kind"], row["id"], row["state"], ", ".join(row["needs"]))
-    console.print(table)
+    for kind, jobs in groups.items():
+        table = Table(title=f"{plan.suite}: {len(jobs)} {kind} job{'s' if len(jobs) > 1 else ''}")
+        for col in ("state", *map(short_key, keys[kind]), "id"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            if row["kind"] == kind:
+                table.add_row(row["state"], *("" if row["varying"][k] is None else str(row["varying"][k])
+                                              for k in keys[kind]), row["id"])
+        console.print(table)
+    console.print(f"{len(plan.artifacts)} stage(s), {len(plan.runs)} run(s); jobs of a kind differ only in the keys "
+                  f"shown (`--cfg` prints the whole resolved suite)", highlight=False)
+    if cost:
+        total = cost["total_s"]
+        console.print(f"estimated (from {cost['probes']} probed step times, {cost['measured']} measured now) on "
+                      f"{cost['device']}: {_hours(total)} of device time (stages {_hours(cost['stages_s'])}, runs "
+                      f"{_hours(total - cost['stages_s'])}); about {_hours(total / cost['slots'])} wall on "
+                      f"{cost['slots']} slot(s) if they do not slow each other", highlight=False)
 
 
 @cli.command()
@@ -143,10 +194,17 @@ def status(overrides: tuple[str, ...], fmt: str, results: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "latex", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write to FILE instead of stdout")
+@click.option("--only-last", is_flag=True, help="only the runs of the suite's last `mpbench run` invocation")
+@click.option("--invocation", default=None, metavar="ID", help="only the runs of this invocation (ids: `status`)")
 @results_option
-def report(overrides: tuple[str, ...], fmt: str, out: str | None, results: str | None) -> None:
-    """Aggregate a suite's runs: mean and 95% CI over seeds, best mean bold, missing seeds marked."""
-    from mpbench.config import parse_overrides
+def report(overrides: tuple[str, ...], fmt: str, out: str | None, only_last: bool, invocation: str | None,
+           results: str | None) -> None:
+    """Aggregate a suite's runs: mean and 95% CI over seeds, best mean bold, missing seeds marked.
+
+    `mpbench report suite=NAME` (or suite=path/to/NAME.yaml) covers the suite as defined plus every run any
+    invocation added; runs that differ in more than the seed get their own row, labelled with the keys that differ.
+    """
+    from mpbench.config import parse_overrides, suite_name
     from mpbench.report import build_report
     from mpbench.store import atomic_write
 
@@ -160,9 +218,14 @@ def report(overrides: tuple[str, ...], fmt: str, out: str | None, results: str |
     res = _results_dir(results)
     if not res.is_dir():
         raise UsageError(f"no results dir {res}: run `mpbench run suite=NAME` first or pass --results DIR")
-    text, skipped = build_report(res, suite, fmt, **layout)
+    text, skipped = build_report(res, suite_name(suite) if suite else None, fmt, only_last=only_last,
+                                 invocation=invocation, **layout)
     if out:
-        atomic_write(Path(out), text if text.endswith("\n") else text + "\n")
+        try:
+            atomic_write(Path(out), text if text.endswith("\n") else text + "\n")
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror or e}: check that its directory exists and is "
+                             f"writable") from None
         err_console.print(f"wrote {out}", highlight=False)
     elif fmt == "table":
         console.print(text) if isinstance(text, str) else console.print(text)
@@ -197,24 +260,28 @@ def data() -> None:
 @data.command("prepare")
 @click.argument("name")
 @click.option("--data", "root", type=click.Path(), default=None, help="dataset directory")
-@click.option("--from", "source", type=click.Path(), default=None, metavar="FILE",
-              help="assets: copy this downloaded file (checked: sha256, parses) instead of downloading")
-def data_prepare(name: str, root: str | None, source: str | None) -> None:
+@click.option("--from", "sources", type=click.Path(), multiple=True, metavar="PATH",
+              help="datasets: import this downloaded archive (zip, tar, tgz) or folder into the data dir (give it "
+                   "once per archive for datasets with several); assets: copy this downloaded file (checked: "
+                   "sha256, parses) instead of downloading")
+def data_prepare(name: str, root: str | None, sources: tuple[str, ...]) -> None:
     """Make dataset or asset NAME available offline (or print how to get it).
 
-    Assets (e.g. metaperturb_official, the authors' phi) are downloaded unless MPBENCH_OFFLINE=1 is
-    set, or copied from --from FILE."""
+    Datasets: --from imports the archives or folders you downloaded (`mpbench list datasets` says which) into the
+    data dir, checks published md5s, then verifies counts. Assets (e.g. metaperturb_official, the authors' phi)
+    are downloaded unless MPBENCH_OFFLINE=1 is set, or copied from --from FILE."""
     from mpbench import assets
     from mpbench.data import DATASETS
 
     if name in assets.ASSETS:
-        msg = assets.prepare(name, Path(root) if root else None, Path(source) if source else None)
+        if len(sources) > 1:
+            raise UsageError(f"--from is given {len(sources)} times: asset {name} is one file; give --from once")
+        msg = assets.prepare(name, Path(root) if root else None, Path(sources[0]) if sources else None)
     else:
-        dataset = assets.dataset_or_asset(name, DATASETS)
-        if source is not None:
-            raise UsageError(f"--from is not supported for datasets yet: place the files of dataset {name} under "
-                             f"the data dir (see `mpbench list datasets`) and run `mpbench data prepare {name}`")
-        msg = dataset().prepare(_data_dir(root))
+        dataset = assets.dataset_or_asset(name, DATASETS)()
+        # a plugin written before --from existed may define prepare(root) only
+        msg = dataset.prepare(_data_dir(root), [Path(s) for s in sources]) if sources else \
+            dataset.prepare(_data_dir(root))
     console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
@@ -222,7 +289,8 @@ def data_prepare(name: str, root: str | None, source: str | None) -> None:
 @click.argument("name")
 @click.option("--data", "root", type=click.Path(), default=None, help="dataset directory")
 def data_verify(name: str, root: str | None) -> None:
-    """Check that dataset or asset NAME's files are present and parse (assets: sha256)."""
+    """Check that dataset or asset NAME's files are present, match published checksums and decode to the expected
+    counts per split (decoded JPEG sets: and every class in each split); assets: sha256."""
     from mpbench import assets
     from mpbench.data import DATASETS
 
@@ -272,12 +340,17 @@ def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    if debug:                                        # a group option, accepted after the subcommand too
+        args = ["--debug", *(a for a in args if a != "--debug")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        code = cli.main(standalone_mode=False)
+        code = cli.main(args=args, standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):     # click turns Ctrl-C (and a launcher's stop) into Abort
+            _interrupted(e.__cause__)
         err_console.print("aborted", highlight=False)
         sys.exit(130)
     except click.ClickException as e:
@@ -290,15 +363,27 @@ def main() -> None:
         for line in str(e).splitlines() or [type(e).__name__]:
             err_console.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume", highlight=False)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except Exception as e:  # noqa: BLE001
         if debug:
             raise
         err_console.print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", soft_wrap=True,
                           highlight=False, markup=False)
         sys.exit(1)
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """Exit 128 + the signal's number (130 for a plain Ctrl-C) after one line: what stopped, and how to resume.
+
+    A launcher's ``mpbench.runner.Stopped`` names the signal and the runs it checkpointed."""
+    code = getattr(e, "exit_code", 130)
+    what = str(e) if hasattr(e, "exit_code") else "interrupted"
+    try:
+        err_console.print(f"{what}: rerun the same command to resume", highlight=False, markup=False, soft_wrap=True)
+    except OSError:                                # a closed terminal (SIGHUP): the exit code still says it
+        pass
+    sys.exit(code)
 
 
 if __name__ == "__main__":

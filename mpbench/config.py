@@ -80,6 +80,8 @@ class ReportConfig:
     rows: list[str] = field(default_factory=lambda: ["regularizer"])
     columns: list[str] = field(default_factory=lambda: ["model", "dataset"])
     metric: str = "acc"
+    labels: dict[str, str] = field(default_factory=dict)     # value -> display name, over the registries' own
+    row_info: list[str] = field(default_factory=list)        # per-row run statistics shown beside the labels
 
 
 @dataclass
@@ -92,6 +94,7 @@ class SuiteConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reg: dict[str, Any] = field(default_factory=dict)           # reg.<name>.<hparam>
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    per_dataset: dict[str, Any] = field(default_factory=dict)   # per_dataset.<dataset>.{train,data}: what differs
     eval: list[str] = field(default_factory=lambda: ["classification"])   # evaluations (mpbench/evals/), in order
     eval_settings: dict[str, Any] = field(default_factory=dict)  # eval_settings.<evaluation>.<setting>
     stages: Any = None                                           # stages.<kind>: one section per stage job kind
@@ -133,6 +136,11 @@ def suites_dir() -> Path:
                              "or set MPBENCH_SUITES to a directory of suite files") from None
         return checkout / "suites"
     return Path(str(shipped))
+
+
+def cache_dir() -> Path:
+    """mpbench's cache (compiled kernels, step-time probes): ``$MPBENCH_CACHE``, else ``~/.cache/mpbench``."""
+    return Path(os.environ.get("MPBENCH_CACHE") or Path.home() / ".cache" / "mpbench")
 
 
 def env_opted_out(name: str) -> bool:
@@ -197,6 +205,23 @@ def find_suite(name: str) -> Path:
     return path
 
 
+def suite_name(suite: str) -> str:
+    """The name a suite's results are recorded under, from ``suite=`` in any form ``mpbench run`` takes: a name,
+    or a path to a YAML file (its ``name:``, else its stem)."""
+    from mpbench.store import check_id
+
+    if not suite.endswith((".yaml", ".yml")) and os.sep not in suite and "/" not in suite:
+        return check_id(suite, "suite name")
+    path, name = Path(suite), Path(suite).stem
+    try:
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"].strip():
+            name = data["name"].strip()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass                                       # no readable file: its stem names the suite, as `run` does
+    return check_id(name, "suite name")
+
+
 def parse_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
     """Split ``suite=NAME`` from the other ``key=value`` overrides."""
     suite, rest = None, []
@@ -258,6 +283,20 @@ def validate_train(t: Any, prefix: str = "train") -> None:
             check_positive(f"{prefix}.{p}", t[p])
 
 
+def validate_per_dataset(cfg: DictConfig) -> None:
+    """``per_dataset.<dataset>`` may set only ``train`` and ``data`` keys, each checked against the schema."""
+    train_data = OmegaConf.structured({"train": TrainConfig(), "data": DataConfig()})
+    for name, section in cfg.per_dataset.items():
+        if not isinstance(section, DictConfig) or any(k not in ("train", "data") for k in section):
+            raise UsageError(f"per_dataset.{name} may set train.* and data.* keys only "
+                             f"(e.g. per_dataset.{name}.data.image_size=84)")
+        try:
+            merged = OmegaConf.merge(train_data, section)
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"per_dataset.{name}") from None
+        validate_train(merged.train, f"per_dataset.{name}.train")
+
+
 def grid_of(cfg: DictConfig) -> dict[str, list[Any]]:
     """The grid with nested sections flattened to dotted keys and scalars made 1-lists."""
     flat: dict[str, Any] = dict(GRID_DEFAULTS)
@@ -291,6 +330,7 @@ def validate(cfg: DictConfig) -> None:
 
     for kind in stage_kinds():
         kind.validate(cfg.stages[kind.name], f"stages.{kind.name}")
+    validate_per_dataset(cfg)
     valid_grid = set(GRID_DEFAULTS) | {k for k in schema_keys() if k.split(".")[0] in ("train", "data")}
     for key in grid_of(cfg):
         section = key.split(".")[0]

@@ -62,9 +62,10 @@ def _models() -> tuple[list[str], list[dict[str, Any]], str]:
 def _datasets() -> tuple[list[str], list[dict[str, Any]], str]:
     from mpbench.data import DATASETS
 
-    rows = [{"name": e.name, "description": e.description, "how_to_get": getattr(e.obj, "how_to_get", "")}
-            for e in DATASETS.entries()]
-    return ["name", "description", "how_to_get"], rows, ""
+    rows = [{"name": e.name, "description": e.description, "image_size": getattr(e.obj, "default_image_size", None),
+             "how_to_get": getattr(e.obj, "how_to_get", "")} for e in DATASETS.entries()]
+    return ["name", "description", "image_size", "how_to_get"], rows, "image_size: what runs see when a suite sets " \
+        "no data.image_size"
 
 
 def _suites() -> tuple[list[str], list[dict[str, Any]], str]:
@@ -116,7 +117,7 @@ SOURCES: dict[str, Callable[[], tuple[list[str], list[dict[str, Any]], str]]] = 
     "regularizers": _regularizers, "models": _models, "datasets": _datasets, "suites": _suites,
     "jobs": _jobs, "stages": _jobs, "evals": _evals, "launchers": _launchers,
 }
-HEADERS = {"hparams": "hparams (defaults)", "how_to_get": "how to get"}
+HEADERS = {"hparams": "hparams (defaults)", "how_to_get": "how to get", "image_size": "default px"}
 
 
 def render(columns: list[str], rows: list[dict[str, Any]], fmt: str, console: Console, caption: str = "") -> None:

@@ -284,3 +284,6 @@ for _name, (_build, _fixed, _doc) in _SPECS.items():
 
 MODELS: list[str] = list(_SPECS)
 MODEL_DESCRIPTIONS: dict[str, str] = {name: doc for name, (_, _, doc) in _SPECS.items()}
+MODEL_DISPLAY: dict[str, str] = {"resnet20": "ResNet-20", "resnet32": "ResNet-32", "resnet44": "ResNet-44",
+                                 "resnet56": "ResNet-56", "wrn_28_2": "WRN-28-2", "vgg9": "VGG-9", "conv4": "Conv-4",
+                                 "conv6": "Conv-6"}

@@ -33,6 +33,7 @@ class Job:
     kind: str                                   # a registered job kind: run | pretrain | metatrain | ...
     spec: dict[str, Any]
     deps: list[str] = field(default_factory=list)   # artifact ids this job needs
+    name: str = ""                                  # display name (W&B): the slug + the keys that vary, if any
 
     def dir(self, results: Path) -> RunDir:
         return RunDir(results, self.kind, self.id)
@@ -67,6 +68,52 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def flatten(spec: dict, prefix: str = "", keep_lists: bool = False) -> dict[str, Any]:
+    """Nested spec -> ``{"train.lr": 0.001, ...}``; lists become comma-joined strings (hashable) unless kept."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + ".", keep_lists))
+        elif isinstance(value, (list, tuple)) and not keep_lists:
+            out[name] = ",".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+IN_SLUG = ("regularizer", "model", "dataset", "seed")      # what a run's slug already says
+
+
+def varying_keys(jobs: list[Job], skip: tuple[str, ...] = IN_SLUG) -> list[str]:
+    """Flattened spec keys whose value differs between ``jobs`` (missing counts as a value), ``skip`` aside; a
+    method's hyperparameter (``reg.<method>.<hp>``) counts only where it differs between runs of the same method."""
+    flat = [flatten(j.spec) for j in jobs]
+    keys = dict.fromkeys(k for f in flat for k in f)
+
+    def varies(k: str) -> bool:
+        if k.startswith("reg."):
+            by_method: dict[str, set[str]] = {}
+            for f in flat:
+                by_method.setdefault(str(f.get("regularizer")), set()).add(repr(f.get(k)))
+            return any(len(v) > 1 for v in by_method.values())
+        return len({repr(f.get(k)) for f in flat}) > 1
+
+    return [k for k in keys if k not in skip and k.split(".")[-1] not in NOT_IDENTITY and varies(k)]
+
+
+def short_key(key: str) -> str:
+    """How a varying key reads in a label: ``reg.dropout.p`` -> ``p``, others in full (``train.lr``)."""
+    return key.split(".", 2)[2] if key.startswith("reg.") and key.count(".") >= 2 else key
+
+
+def label_with(base: str, values: dict[str, Any]) -> str:
+    """``dropout (p=0.1, train.lr=0.01)``: ``base`` and the keys set in ``values`` (None and NaN left out)."""
+    shown = [f"{short_key(k)}={v:g}" if isinstance(v, float) else f"{short_key(k)}={v}"
+             for k, v in values.items() if v is not None and v == v]
+    return f"{base} ({', '.join(shown)})" if shown else base
+
+
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     *parents, last = key.split(".")
     for p in parents:
@@ -94,6 +141,13 @@ def _probe_model(name: str, kwargs_json: str, in_chans: int, num_classes: int):
     import timm
 
     return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **json.loads(kwargs_json))
+
+
+def _default_image_size(spec: dict[str, Any]) -> None:
+    """``data.image_size`` unset: the dataset's ``default_image_size`` (what the CIFAR-style nets should see)."""
+    data = spec.get("data")
+    if isinstance(data, dict) and data.get("image_size") is None and "dataset" in spec:
+        data["image_size"] = getattr(_check_dataset(spec["dataset"]), "default_image_size", None)
 
 
 def check_compatibility(spec: dict[str, Any], source) -> None:
@@ -172,6 +226,10 @@ def _run_spec(cfg: DictConfig, base: dict[str, Any], reg_cfg: dict[str, Any], po
     """The resolved spec of one grid point (artifacts not attached yet) and its dataset source."""
     spec = copy.deepcopy(base)
     reg_over = copy.deepcopy(reg_cfg)
+    dataset = point.get("dataset")
+    if dataset in cfg.per_dataset:               # what differs for this dataset; a grid value still wins
+        for k, v in flatten(OmegaConf.to_container(cfg.per_dataset[dataset], resolve=True), keep_lists=True).items():
+            _set_dotted(spec, k, v)
     for k, v in point.items():
         if k.startswith("reg."):
             _set_dotted(reg_over, k[4:], v)
@@ -184,6 +242,7 @@ def _run_spec(cfg: DictConfig, base: dict[str, Any], reg_cfg: dict[str, Any], po
     RegularizerStack.check_composition(names)
     _check_model(spec["model"])
     source = _check_dataset(spec["dataset"])
+    _default_image_size(spec)
     spec["regularizer"] = names
     spec["seed"] = int(spec["seed"])
     spec["reg"] = {n: resolve_hparams(n, reg_over.get(n)) for n in names}
@@ -208,6 +267,7 @@ def _attach_stages(cfg: DictConfig, spec: dict[str, Any], source, refs: dict[str
         stage = kind.stage_spec(section, spec, spec["data"]["channels"] or source.channels)
         for dataset in kind.datasets(stage):
             _check_dataset(dataset)
+        _default_image_size(stage)
         for model in kind.models(stage):
             _check_model(model)
         job = _stage_job(kind, stage)
@@ -253,6 +313,9 @@ def _expand(cfg: DictConfig, data_root: Path | None, problems: _Problems) -> Pla
                                       f"{did_you_mean(unknown[0], grid)}")
     with problems.collect():
         check_id(cfg.name, "suite name")
+    for name in cfg.per_dataset:
+        with problems.collect():
+            _check_dataset(name)
     refs = _stage_refs(cfg, data_root, problems)
     artifacts: dict[str, Job] = {}
     runs: dict[str, Job] = {}
@@ -270,5 +333,10 @@ def _expand(cfg: DictConfig, data_root: Path | None, problems: _Problems) -> Pla
             deps = [a for a in spec["artifacts"].values() if not a.startswith("file:")]
             job = Job(f"{slug}-{spec_hash(spec)[:8]}", slug, "run", spec, deps=deps)
             runs.setdefault(job.id, job)
+    for group in (list(artifacts.values()), list(runs.values())):
+        keys = [k for k in varying_keys(group) if not k.startswith("artifacts.")]
+        for job in group:
+            flat = flatten(job.spec)
+            job.name = label_with(job.slug, {k: flat.get(k) for k in keys})
     report = OmegaConf.to_container(cfg.report, resolve=True)
     return Plan(cfg.name, cfg.description, list(artifacts.values()), list(runs.values()), report)

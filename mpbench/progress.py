@@ -2,7 +2,6 @@
 on a terminal, plain log lines otherwise."""
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -46,13 +45,30 @@ class SuiteProgress:
             finished = self.counts["done"] + self.counts["failed"] + self.counts["skipped"]
             self.progress.update(self.suite_task, description=self._label(), completed=finished)
 
-    def started(self, run_id: str, total_steps: int | None) -> None:
+    def _print(self, line: str) -> None:
+        """One plain line; a display that cannot be written (a closed terminal) never stops a run or its stop."""
+        try:
+            (self.progress.console if self.progress else self.console).print(line, highlight=False, markup=False,
+                                                                             soft_wrap=True)
+        except OSError:
+            pass
+
+    def started(self, run_id: str, total_steps: int | None, resume_from: int | str | None = None) -> None:
+        """``resume_from``: the step its checkpoint resumes from ("?" when unknown), None for a fresh start."""
         self.counts["running"] += 1
+        if resume_from is not None:
+            self._print(f"resuming {run_id} from " + (f"step {resume_from}" if resume_from != "?" else
+                                                       "its checkpoint"))
         if self.progress:
-            self.tasks[run_id] = self.progress.add_task(f"  {run_id}", total=total_steps or 1)
-        else:
-            self.console.print(f"start  {run_id}", highlight=False)
+            self.tasks[run_id] = self.progress.add_task(f"  {run_id}", total=total_steps or 1,
+                                                        completed=resume_from if isinstance(resume_from, int) else 0)
+        elif resume_from is None:
+            self._print(f"start  {run_id}")
         self._refresh()
+
+    def note(self, line: str) -> None:
+        """A line about the suite as a whole (e.g. that it is stopping)."""
+        self._print(line)
 
     def step(self, run_id: str, step: int, total: int, loss: float | None = None) -> None:
         if self.progress and run_id in self.tasks:
@@ -72,7 +88,7 @@ class SuiteProgress:
         mark = {"done": "done ", "failed": "FAIL ", "skipped": "skip ", "interrupted": "stop ", "busy": "busy "}
         line = f"{mark.get(outcome, outcome)}  {run_id}" + (f"  {detail}" if detail else "")
         if outcome != "skipped" or not self.progress:
-            (self.progress.console if self.progress else self.console).print(line, highlight=False, markup=False)
+            self._print(line)
         self._refresh()
 
     def summary(self) -> str:

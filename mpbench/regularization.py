@@ -89,6 +89,7 @@ class Regularizer:
 
     name: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    display: ClassVar[str] = ""                 # how tables name it ("DropBlock"); "" = its registry name
     hparams: ClassVar[dict[str, Hparam]] = {}
     requires: ClassVar[tuple[str, ...]] = ()    # artifact kinds this method needs: "pretrain", "metatrain"
     mixes_batch: ClassVar[bool] = False         # at most one batch mixer per run
@@ -155,6 +156,11 @@ class Regularizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def transferred(self) -> int:
+        """How many numbers this method carries over from a source stage into the run (after ``attach``): the
+        paper's "# transferred parameters" (MetaPerturb's phi, a fine-tuned network's weights; 0 for the rest)."""
+        return 0
 
     def describe(self) -> dict[str, Any]:
         """What the result records about this method."""
@@ -242,6 +248,9 @@ class RegularizerStack:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for m in self.members:
             m.load_state_dict(state.get(m.name, {}))
+
+    def transferred(self) -> int:
+        return sum(m.transferred() for m in self.members)
 
     def describe(self) -> dict[str, Any]:
         return {m.name: m.describe() for m in self.members}

@@ -10,8 +10,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mpbench.display import display, registry_labels
 from mpbench.errors import UsageError, did_you_mean
 from mpbench.evals import metric_info
+from mpbench.plan import NOT_IDENTITY, label_with
+from mpbench.record import select_runs
 from mpbench.results import load_runs, load_suite, metric_columns
 
 FORMATS = ("table", "latex", "markdown", "csv", "json")
@@ -84,12 +87,21 @@ def _best(agg: pd.DataFrame, columns: list[str], metric: str) -> pd.Series:
     return means.eq(best) & means.notna()
 
 
+def _grouped(keys: list[tuple]) -> list[tuple]:
+    """``keys`` stably sorted by the first appearance of each level's value, outer level first."""
+    order = [{v: i for i, v in enumerate(dict.fromkeys(k[lvl] for k in keys))} for lvl in range(len(keys[0]))] \
+        if keys else []
+    return sorted(keys, key=lambda k: tuple(order[lvl][v] for lvl, v in enumerate(k)))
+
+
 def _wide(agg: pd.DataFrame, field: str, metric: str) -> pd.DataFrame:
-    """Pivot ``field`` to rows x columns, keeping first-appearance order of the labels."""
+    """Pivot ``field`` to rows x columns: labels in first-appearance order, grouped level by level (all columns of
+    the first dataset, then the next, when ``columns`` is [dataset, model])."""
     rows, columns = agg.attrs["rows"], agg.attrs["columns"]
     flat = agg.reset_index()
-    rkeys = list(dict.fromkeys(map(tuple, flat[rows].itertuples(index=False))))
-    ckeys = list(dict.fromkeys(map(tuple, flat[columns].itertuples(index=False)))) if columns else [(label(metric),)]
+    rkeys = _grouped(list(dict.fromkeys(map(tuple, flat[rows].itertuples(index=False)))))
+    ckeys = _grouped(list(dict.fromkeys(map(tuple, flat[columns].itertuples(index=False))))) if columns else \
+        [(label(metric),)]
     lookup = {(tuple(r[: len(rows)]), tuple(r[len(rows):-1]) if columns else (label(metric),)): r[-1]
               for r in flat[[*rows, *columns, field]].itertuples(index=False)}
     data = [[lookup.get((rk, ck), math.nan) for ck in ckeys] for rk in rkeys]
@@ -126,6 +138,21 @@ def cells(agg: pd.DataFrame, metric: str, **kw: str) -> pd.DataFrame:
     return out
 
 
+def displayed(agg: pd.DataFrame, metric: str, **kw: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(cell strings, best mask) as a reader sees them: display names (``agg.attrs["labels"]``) and the per-row
+    statistics (``agg.attrs["row_info"]``: column -> {row key: text}) in front of the metric columns."""
+    disp, mask = cells(agg, metric, **kw), best_mask(agg, metric)
+    for pos, (col, by_row) in enumerate(agg.attrs.get("row_info", {}).items()):
+        key = col if disp.columns.nlevels == 1 else (col, *[""] * (disp.columns.nlevels - 1))
+        keys = [k if isinstance(k, tuple) else (k,) for k in disp.index]
+        disp.insert(pos, key, [by_row.get(k, kw.get("dash", DASH)) for k in keys])
+        mask.insert(pos, key, False)
+    labels = agg.attrs.get("labels") or {}
+    rename = lambda v: display(v, labels)  # noqa: E731
+    disp, mask = (f.rename(index=rename, columns=rename) for f in (disp, mask))
+    return disp, mask
+
+
 def _flat(frame: pd.DataFrame) -> pd.DataFrame:
     """Row keys become ordinary columns; multi-level column labels are joined with ' / '."""
     flat = frame.copy()
@@ -144,8 +171,7 @@ def latex_escape(text: Any) -> str:
 
 
 def _to_latex(agg: pd.DataFrame, metric: str, footer: dict[str, str]) -> str:
-    disp = cells(agg, metric, pm=r"$\pm$", dash="--")
-    mask = best_mask(agg, metric)
+    disp, mask = displayed(agg, metric, pm=r"$\pm$", dash="--")
     disp.index = disp.index.set_names([latex_escape(n) for n in disp.index.names])
     disp.columns = disp.columns.set_names([latex_escape(n) if n is not None else None for n in disp.columns.names])
     styler = disp.style.format_index(latex_escape, axis=0).format_index(latex_escape, axis=1)
@@ -173,7 +199,7 @@ def render(agg: pd.DataFrame, fmt: str, *, metric: str, footer: dict[str, str]) 
         return json.dumps({"metric": metric, "display": info.display, "unit": info.unit, "direction": info.direction,
                            "rows": agg.attrs["rows"], "columns": agg.attrs["columns"], "cells": cells_,
                            "footer": footer}, indent=1)
-    disp, mask = cells(agg, metric), best_mask(agg, metric)
+    disp, mask = displayed(agg, metric)
     if fmt == "markdown":
         disp = disp.mask(mask, "**" + disp.astype(str) + "**")
         notes = "".join(f"- {k}: {v}\n" for k, v in footer.items())
@@ -188,8 +214,9 @@ def render_rich(agg: pd.DataFrame, metric: str, footer: dict[str, str]):
     from rich.table import Table
     from rich.text import Text
 
-    flat, mask = _flat(cells(agg, metric)), _flat(best_mask(agg, metric))
-    nkeys = len(agg.attrs["rows"])
+    disp, mask = displayed(agg, metric)
+    flat, mask = _flat(disp), _flat(mask)
+    nkeys = len(agg.attrs["rows"]) + len(agg.attrs.get("row_info", {}))
     table = Table()
     for j, col in enumerate(flat.columns):
         table.add_column(Text(col), justify="left" if j < nkeys else "right")
@@ -240,28 +267,83 @@ def make_footer(df: pd.DataFrame, agg: pd.DataFrame, metric: str, suite: str | N
     return footer
 
 
+def _varying(df: pd.DataFrame, keys: list[str], by: list[str]) -> list[str]:
+    """Those ``keys`` whose value differs between runs of one cell (runs without a spec are unknown, not different)."""
+    known = df[df["has_spec"]] if "has_spec" in df.columns else df
+    cells = known.groupby([known[c].astype(str) for c in by], sort=False, dropna=False)
+    return [k for k in keys if (cells[k].nunique(dropna=False) > 1).any()]
+
+
+def split_variants(df: pd.DataFrame, rows: list[str], columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Runs of one cell must differ by seed only: every spec key that varies within a cell (a crossed
+    hyperparameter, or a spec difference between runs) is appended to the first row label, ``dropout (p=0.1)``.
+    Stage artifacts are named only where the other keys do not already tell the runs apart. Returns the
+    relabelled frame and the keys."""
+    layout = {*rows, *columns, "seed"}
+    keys = [k for k in df.attrs.get("spec_keys", []) if k in df.columns and k not in layout
+            and k.split(".")[-1] not in NOT_IDENTITY]
+    if not keys or df.empty or any(k not in df.columns for k in [*rows, *columns]):
+        return df, []                                    # (a bad layout key is aggregate's one-line error)
+    by, first, varying = [*rows, *columns], rows[0], []
+    for group in ([k for k in keys if not k.startswith("artifacts.")], [k for k in keys if k.startswith("artifacts.")]):
+        found = _varying(df, group, by)
+        if found:
+            df = df.copy()
+            df[first] = [label_with(str(base), {k: r[k] for k in found})
+                         for base, (_, r) in zip(df[first], df[found].iterrows())]
+            varying += found
+    return df, varying
+
+
+def _row_info(df: pd.DataFrame, rows: list[str], names: list[str]) -> dict[str, dict[tuple, str]]:
+    """Per row label, the distinct values of each run statistic in ``names`` (``82``; ``0-269,034`` if several)."""
+    out = {}
+    for name in names:
+        if name not in df.columns:
+            raise UsageError(f"report.row_info names {name!r}, not a column: {did_you_mean(name, df.columns)}")
+        info, by_row = metric_info(name), {}
+        for key, g in df[df["state"] == "done"].groupby(rows, sort=False):
+            vals = sorted(set(g[name].dropna().astype(float)))
+            text = [f"{v * info.scale:,.{info.decimals}f}" for v in vals]
+            by_row[key if isinstance(key, tuple) else (key,)] = "-".join(text[:: max(1, len(text) - 1)]) or DASH
+        out[info.display] = by_row
+    return out
+
+
 def prepare_report(results_dir: Path, suite: str | None = None, rows: list[str] | None = None,
-                   columns: list[str] | None = None, metric: str | None = None
-                   ) -> tuple[pd.DataFrame, dict[str, str], list[tuple[str, str]]]:
+                   columns: list[str] | None = None, metric: str | None = None, only_last: bool = False,
+                   invocation: str | None = None) -> tuple[pd.DataFrame, dict[str, str], list[tuple[str, str]]]:
     """(aggregate, footer, skipped dirs) using the suite's ``report`` block for unset layout keys."""
-    run_ids, layout = None, {}
+    run_ids, layout, covers = None, {}, None
     if suite:
         record = load_suite(results_dir, suite)
-        run_ids, layout = record.get("runs", []), record.get("report") or {}
+        layout = record.get("report") or {}
+        run_ids, covers = select_runs(results_dir, record, only_last, invocation)
+    elif only_last or invocation:
+        raise UsageError("--only-last and --invocation need suite=NAME")
     rows = list(rows or layout.get("rows") or ["regularizer"])
     columns = list(columns if columns is not None else layout.get("columns", ["model", "dataset"]))
     metric = metric or layout.get("metric") or "acc"
     df, skipped = load_runs(Path(results_dir), run_ids)
     if df.empty:
         raise UsageError(f"no runs under {Path(results_dir) / 'runs'}: run `mpbench run suite=<name>` first")
+    df, varying = split_variants(df, rows, columns)
     agg = aggregate(df, rows, columns, metric, None)
-    return agg, make_footer(df, agg, metric, suite, skipped), skipped
+    agg.attrs["labels"] = {**registry_labels(), **(layout.get("labels") or {})}
+    agg.attrs["row_info"] = _row_info(df, rows, list(layout.get("row_info") or []))
+    footer = make_footer(df, agg, metric, suite, skipped)
+    if covers:
+        footer["covers"] = covers
+    if varying:
+        footer["rows split by"] = ", ".join(varying) + " (runs of a cell differ by seed only)"
+    return agg, footer, skipped
 
 
 def build_report(results_dir: Path, suite: str | None, fmt: str, rows: list[str] | None = None,
-                 columns: list[str] | None = None, metric: str | None = None) -> tuple[str, list[tuple[str, str]]]:
+                 columns: list[str] | None = None, metric: str | None = None, only_last: bool = False,
+                 invocation: str | None = None) -> tuple[str, list[tuple[str, str]]]:
     """Rendered report text and the unreadable run dirs that were skipped."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown report format {fmt!r}: {did_you_mean(fmt, FORMATS)}")
-    agg, footer, skipped = prepare_report(results_dir, suite, rows, columns, metric)
+    agg, footer, skipped = prepare_report(results_dir, suite, rows, columns, metric, only_last, invocation)
     return render(agg, fmt, metric=agg.attrs["metric"], footer=footer), skipped

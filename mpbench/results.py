@@ -12,6 +12,7 @@ import yaml
 
 from mpbench.errors import UsageError, one_line
 from mpbench.evals import RUN_METRICS, all_metrics
+from mpbench.plan import flatten
 
 try:  # the store module owns the on-disk schema version
     from mpbench.store import SCHEMA_VERSION
@@ -65,20 +66,6 @@ def _read_config(path: Path) -> dict | None:
     return _read(path, yaml.safe_load, (yaml.YAMLError,))
 
 
-def flatten(spec: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested spec -> ``{"train.lr": 0.001, ...}``; lists become comma-joined strings (hashable)."""
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, (list, tuple)):
-            out[name] = ",".join(str(v) for v in value)
-        else:
-            out[name] = value
-    return out
-
-
 def _identity(run_id: str, spec: dict | None) -> dict[str, Any]:
     """slug/regularizer/model/dataset/seed from the spec, or parsed from the run id as a fallback."""
     if spec:
@@ -119,6 +106,7 @@ def _empty_row(run_id: str, spec: dict | None, state: str, error: str | None) ->
     if spec:
         for key, value in flatten(spec).items():
             row.setdefault(key, value)
+        row["spec_keys"] = list(flatten(spec))
     return row
 
 
@@ -186,7 +174,11 @@ def load_runs(results_dir: Path, run_ids: list[str] | None = None
     df["seed"] = df["seed"].astype("Int64")
     for col in (*metric_columns(), *RUN_STATS):
         df[col] = df[col].astype("float64")
-    return df.reset_index(drop=True), skipped
+    keys = df.pop("spec_keys") if "spec_keys" in df.columns else pd.Series(dtype=object)
+    df = df.reset_index(drop=True)
+    df["has_spec"] = keys.notna().to_numpy() if len(keys) == len(df) else False
+    df.attrs["spec_keys"] = list(dict.fromkeys(k for ks in keys.dropna() for k in ks))   # columns from the specs
+    return df, skipped
 
 
 def load_suite(results_dir: Path, name: str) -> dict:

@@ -51,22 +51,84 @@ class Execution:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
 
+# Ctrl-C, `kill`/`timeout`/systemd/a cluster's stop, a closed terminal, preemption and Slurm's time-limit warning
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Stopped(KeyboardInterrupt):
+    """A launcher stopped its suite on a signal after its runs checkpointed (``what``: which, at which step).
+
+    A KeyboardInterrupt, so every cleanup written for Ctrl-C runs; ``mpbench run`` exits ``128 + signum``."""
+
+    def __init__(self, signum: int, what: str = "") -> None:
+        self.signum, self.what = int(signum), what
+        self.exit_code = 128 + self.signum
+        super().__init__(f"stopped by {signal_name(self.signum)}" + (f": {what}" if what else ""))
+
+
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGUSR2 (preemption, Slurm time limit): the loop checkpoints and exits."""
+    """Set by a stop signal (``STOP_SIGNALS``): the training loop checkpoints at its next step and stops.
+
+    ``signum`` is the first signal that arrived. Nested flags (a launcher's around each run's) share the outermost
+    one's state, so the launcher sees the signal its run got and stops the suite. A second SIGINT raises
+    KeyboardInterrupt at once (abort without waiting for the checkpoint); other repeated signals change nothing.
+    SIGINT and SIGHUP stay ignored where they were (``nohup``, a script's background job). Handlers are installed
+    only in the main thread (elsewhere the flag is never set by a signal).
+    """
+
+    _stack: list["StopFlag"] = []
 
     def __init__(self) -> None:
         self.flag = threading.Event()
+        self._signum: int | None = None
+        self._root = self
         self._old: dict[int, Any] = {}
+
+    @property
+    def signum(self) -> int | None:
+        return self._root._signum
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        root = self._root
+        if root.flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if root._signum is None:
+            root._signum = signum
+        root.flag.set()
 
     def __enter__(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-                self._old[sig] = signal.signal(sig, lambda *_: self.flag.set())
+            if StopFlag._stack:
+                self._root = StopFlag._stack[0]
+                self.flag = self._root.flag
+            StopFlag._stack.append(self)
+            for sig in STOP_SIGNALS:
+                if sig in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue                       # nohup, a script's background job: asked not to stop on it
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old = {}
+        if self in StopFlag._stack:
+            StopFlag._stack.remove(self)
+
+
+def checkpoint_step(rd: RunDir) -> int | None:
+    """The step ``rd``'s checkpoint resumes from (None: no readable checkpoint); reads no tensor data (mmap)."""
+    try:
+        return int(torch.load(rd.checkpoint, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - missing, being replaced, unreadable: the runner reports it when it resumes
+        return None
 
 
 def _load_checkpoint(rd: RunDir) -> dict[str, Any] | None:
@@ -128,8 +190,8 @@ def _open_sink(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], ex: Executi
     from mpbench.wandb_sink import WandbSink
 
     w = ex.wandb
-    sink = WandbSink(w.get("mode", "disabled"), w.get("project", "mpbench"), w.get("entity"), rd.path, cfg["slug"],
-                     ex.suite or "mpbench", cfg["spec"], rd.status().get("wandb_id"))
+    sink = WandbSink(w.get("mode", "disabled"), w.get("project", "mpbench"), w.get("entity"), rd.path,
+                     cfg.get("name") or cfg["slug"], ex.suite or "mpbench", cfg["spec"], rd.status().get("wandb_id"))
     if sink.run_id:
         rd.update_status(wandb_id=sink.run_id)
     return sink
@@ -198,8 +260,15 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], ex: Execution) -> str:
             ex.hooks = _hooks(rd, kind, spec, ex, state, sink, stop)
             out = kind.execute(spec, rd, ex)
         except Interrupted as e:
-            rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint")
+            step = checkpoint_step(rd)
+            rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint",
+                             checkpoint_step=step, **({"step": step} if step is not None else {}))
             return "interrupted"
+        except KeyboardInterrupt:                  # a second Ctrl-C: aborted before the checkpoint was written
+            then = "resumes from its last checkpoint" if rd.checkpoint.exists() else "restarts from step 0"
+            rd.update_status(state="pending", error=None, checkpoint_step=None,
+                             note=f"interrupted before its checkpoint (second Ctrl-C); {then}")
+            raise
         except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
             _record_failure(rd, e)
             return "failed"

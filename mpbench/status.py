@@ -1,12 +1,13 @@
 """`mpbench status`: what each suite's runs are doing, read from run directories only.
 
 Nothing here raises on a broken run directory: a job whose files cannot be read is shown in state ``unreadable``
-with what is wrong and how to fix it. ``--format json`` prints a list with one object per suite.
+with what is wrong and how to fix it. A job recorded as ``running`` whose process is gone (dead pid, silent
+heartbeat, no claim) is shown as ``interrupted``, never as running. ``--format json`` prints a list with one object
+per suite.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,25 +19,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mpbench.claim import HOST, holder_gone, read_claim
+from mpbench.config import suite_name
 from mpbench.errors import UsageError, did_you_mean
-from mpbench.store import STATES, RunDir, check_id, read_json
+from mpbench.store import STATES, RunDir, read_json
 
 SUMMARY_ORDER = ("done", "running", "failed", "pending")
-
-
-def suite_name(suite: str) -> str:
-    """``suite=`` as ``mpbench run`` takes it: a name, or a path to a YAML file (its ``name:``, else its stem)."""
-    if not suite.endswith((".yaml", ".yml")) and os.sep not in suite and "/" not in suite:
-        return check_id(suite, "suite name")
-    path = Path(suite)
-    name = path.stem
-    try:
-        data = yaml.safe_load(path.read_text())
-        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"].strip():
-            name = data["name"].strip()
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        pass                                       # no readable file: its stem names the suite, as `run` does
-    return check_id(name, "suite name")
+DISPLAY_ORDER = ("done", "running", "interrupted", "failed", "pending")
+STALE_AFTER_S = 300.0        # launcher.stale_after_s's default, for claims that do not record their own
 
 
 def _read_record(path: Path, name: str) -> dict[str, Any]:
@@ -98,6 +88,34 @@ def _detail(state: str, st: dict[str, Any]) -> str:
     return ""
 
 
+def _gone(rd: RunDir, st: dict[str, Any]) -> str | None:
+    """Why a job whose ``status.json`` says ``running`` has no live process any more (shown as ``interrupted``),
+    or None when it may still be running: its claim's pid is dead on this host, its heartbeat is older than the
+    stale limit, or it holds no claim at all (on another host: once its status is older than the stale limit, as
+    a lock file just created there may not be visible here yet)."""
+    claim = read_claim(rd.lock_file)
+    if claim is None:
+        st = rd.status()                           # a run writes its last status before it releases its claim
+        if st.get("state") != "running" or rd.is_done:
+            return None
+        claim = read_claim(rd.lock_file)           # ... or another process claimed it in between
+    if claim is None:
+        try:
+            age = time.time() - float(st.get("updated", 0))
+        except (TypeError, ValueError):
+            age = float("inf")
+        if st.get("host") != HOST and age <= STALE_AFTER_S:
+            return None
+        why = f"process {st.get('pid', '?')} on {st.get('host', '?')} is gone (it holds no claim)"
+    else:
+        why = holder_gone(claim, STALE_AFTER_S)
+        if why is None:
+            return None
+    then = "rerun to resume from its checkpoint" if rd.checkpoint.exists() else \
+        "rerun to restart it (it left no checkpoint)"
+    return f"{why}; {then}"
+
+
 def job_status(results: Path, rid: Any, is_run: bool) -> dict[str, Any]:
     """``{id, kind, state, detail}`` of one job of a suite; never raises on a broken run directory."""
     rid = str(rid)
@@ -117,6 +135,9 @@ def job_status(results: Path, rid: Any, is_run: bool) -> dict[str, Any]:
             state = "unreadable"
         else:
             detail = _detail(state, st)
+            gone = _gone(rd, st) if state == "running" else None
+            if gone:
+                state, detail = "interrupted", gone
     except OSError as e:
         state, detail = "unreadable", f"{rd.path}: {e.strerror or e}: fix its permissions or delete it and rerun"
     if state == "done":
@@ -148,7 +169,7 @@ def suite_status(results: Path, suite: str | None, console: Console, fmt: str = 
 
 def _print_table(s: dict[str, Any], console: Console) -> None:
     counts = s["counts"]
-    order = [*SUMMARY_ORDER, *sorted(k for k in counts if k not in SUMMARY_ORDER)]
+    order = [*DISPLAY_ORDER, *sorted(k for k in counts if k not in DISPLAY_ORDER)]
     summary = " · ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
     console.print(f"[bold]{escape(s['suite'])}[/]: {s['jobs']} jobs: {escape(summary) or 'none'}")
     if not s["not_done"]:

@@ -90,13 +90,15 @@ class RunDir:
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
     lock_file = property(lambda self: self.path / "lock")
 
-    def create(self, slug: str, spec: dict[str, Any]) -> None:
+    def create(self, slug: str, spec: dict[str, Any], name: str | None = None) -> None:
+        """Write ``config.yaml`` (id, slug, display ``name``, kind, spec) unless it exists."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.config.exists():
             self.read_config()                         # refuses dirs of a newer schema before anything runs
         else:
-            atomic_write(self.config, yaml.safe_dump({"id": self.id, "slug": slug, "kind": self.kind,
-                                                      "schema": SCHEMA_VERSION, "spec": spec}, sort_keys=False))
+            atomic_write(self.config, yaml.safe_dump({"id": self.id, "slug": slug, "name": name or slug,
+                                                      "kind": self.kind, "schema": SCHEMA_VERSION, "spec": spec},
+                                                     sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
         try:

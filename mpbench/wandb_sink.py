@@ -39,7 +39,7 @@ def resolve_mode(mode: str) -> str:
     if mode == "auto":
         mode = "online" if _has_credentials() else "offline"
     if mode == "online" and not _reachable():
-        warnings.warn(f"W&B server unreachable: logging offline instead (sync later with `wandb sync`)")
+        warnings.warn("W&B server unreachable: logging offline instead (sync later with `wandb sync`)")
         return "offline"
     return mode
 

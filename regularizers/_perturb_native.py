@@ -54,7 +54,9 @@ SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MPBENCH_CACHE") or Path.home() / ".cache" / "mpbench") / "kernels"
+    from mpbench.config import cache_dir as mpbench_cache
+
+    return mpbench_cache() / "kernels"
 
 
 def _cpu_id() -> str:

@@ -250,6 +250,12 @@ class SourceInit(Regularizer):
     def attach(self, model: nn.Module) -> None:
         self.source = load_source(self.ctx, self.name)
         self.report = transfer(model, self.source, skip_bn=self.skip_bn, who=self.name)
+        loaded = set(self.report.loaded)
+        self._transferred = sum(p.numel() for n, p in model.named_parameters() if n in loaded)
+
+    def transferred(self) -> int:
+        """Parameters (not buffers) copied from the source network."""
+        return getattr(self, "_transferred", 0)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -12,4 +12,5 @@ class Base(Regularizer):
     """
 
     citation = "no regularization (baseline)"
+    display = "Base"
     hparams = {}

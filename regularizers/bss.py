@@ -35,6 +35,7 @@ class BSS(Regularizer):
 
     citation = ("Chen et al., Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe "
                 "Transfer Learning, NeurIPS 2019")
+    display = "BSS"
     hparams: ClassVar[dict[str, Hparam]] = {
         "eta": Hparam(0.001, "weight of the spectral penalty", at_least(0)),
         "k": Hparam(1, "number of smallest singular values penalised", at_least(1, integer=True)),

@@ -20,6 +20,7 @@ class CutMix(TimmMixer):
 
     citation = ("Yun, Han, Oh, Chun, Choe, Yoo. CutMix: Regularization Strategy to Train Strong Classifiers with "
                 "Localizable Features. ICCV 2019 (arXiv 1905.04899).")
+    display = "CutMix"
     hparams = {
         "cutmix_alpha": Hparam(1.0, "Beta(alpha, alpha) of lambda", at_least(0, strict=True)),
         "prob": Hparam(0.5, "probability of cutting a batch", between(0, 1)),

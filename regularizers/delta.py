@@ -77,6 +77,7 @@ class DELTA(SourceInit):
     """
 
     citation = "Li et al., DELTA: DEep Learning Transfer using Feature Map with Attention, ICLR 2019"
+    display = "DELTA"
     hparams: ClassVar[dict[str, Hparam]] = {
         "alpha": Hparam(0.01, "weight of the feature-map distance", at_least(0)),
         "beta": Hparam(0.01, "weight of (1/2)||w_fc||^2 (new classifier)", at_least(0)),

@@ -33,6 +33,7 @@ class DropPath(Regularizer):
 
     citation = ("Huang, Sun, Liu, Sedra, Weinberger. Deep Networks with Stochastic Depth. ECCV 2016 "
                 "(arXiv 1603.09382).")
+    display = "DropPath"
     hparams = {"rate": Hparam(0.5, "drop probability p_L of the last block", between(0, 1, hi_open=True))}
 
     @classmethod

@@ -84,6 +84,7 @@ class DropBlock(Regularizer):
 
     citation = ("Ghiasi, Lin, Le. DropBlock: A regularization method for convolutional networks. NeurIPS 2018 "
                 "(arXiv 1810.12890).")
+    display = "DropBlock"
     hparams = {
         "drop_prob": Hparam(0.1, "final drop probability of the ramp", between(0, 1, hi_open=True)),
         "block_size": Hparam(3, "side of the dropped square (clamped to the map)", at_least(1, integer=True)),

@@ -1,7 +1,6 @@
 """Element-wise (inverted) dropout before the classifier and/or at block sites."""
 from __future__ import annotations
 
-from typing import Any
 
 from torch import nn
 
@@ -36,6 +35,7 @@ class Dropout(Regularizer):
 
     citation = ("Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov. Dropout: A Simple Way to Prevent Neural "
                 "Networks from Overfitting. JMLR 15, 2014.")
+    display = "Dropout"
     hparams = {
         "p": Hparam(0.1, "drop probability of each unit", between(0, 1, hi_open=True)),
         "where": Hparam("head", "head | blocks | both", one_of(*WHERE)),

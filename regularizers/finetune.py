@@ -17,4 +17,5 @@ class FineTune(SourceInit):
     """
 
     citation = "standard transfer-learning baseline; e.g. Yosinski et al., NeurIPS 2014"
+    display = "Fine-tuning"
     skip_bn = False

@@ -19,4 +19,5 @@ class FineTuneBNReset(SourceInit):
     """
 
     citation = "Ryu et al., MetaPerturb, NeurIPS 2020 (release: JWoong148/MetaPerturb train_tgt.py --fine_tune)"
+    display = "FT (BN reset)"
     skip_bn = True

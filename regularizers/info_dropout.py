@@ -85,6 +85,7 @@ class InfoDropout(Regularizer):
 
     citation = ("Achille, Soatto. Information Dropout: Learning Optimal Representations Through Noisy Computation. "
                 "IEEE TPAMI 40(12), 2018 (arXiv 1611.01353).")
+    display = "Information Dropout"
     hparams = {
         "beta": Hparam(3.0, "weight of the KL term (divided by N_train)", at_least(0)),
         "max_alpha": Hparam(0.7, "largest std of the log-noise", at_least(0, strict=True)),

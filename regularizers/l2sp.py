@@ -29,6 +29,7 @@ class L2SP(SourceInit):
     """
 
     citation = "Li, Grandvalet, Davoine, Explicit Inductive Bias for Transfer Learning with CNNs, ICML 2018"
+    display = "L2-SP"
     hparams: ClassVar[dict[str, Hparam]] = {
         "alpha": Hparam(0.01, "weight of (1/2)||w_S - w0_S||^2 (shared layers)", at_least(0)),
         "beta": Hparam(0.01, "weight of (1/2)||w_head||^2 (new classifier)", at_least(0)),

@@ -21,6 +21,7 @@ class LabelSmoothing(Regularizer):
 
     citation = ("Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. Rethinking the Inception Architecture for Computer "
                 "Vision. CVPR 2016 (arXiv 1512.00567).")
+    display = "Label Smoothing"
     hparams = {"eps": Hparam(0.1, "smoothing mass spread uniformly over classes", between(0, 1))}
 
     def transform_batch(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,7 @@ class ManifoldMixup(Regularizer):
 
     citation = ("Verma, Lamb, Beckham, Najafi, Mitliagkas, Lopez-Paz, Bengio. Manifold Mixup: Better Representations "
                 "by Interpolating Hidden States. ICML 2019 (arXiv 1806.05236).")
+    display = "Manifold Mixup"
     hparams = {
         "alpha": Hparam(2.0, "Beta(alpha, alpha) of lambda", at_least(0)),
         "layers": Hparam([0, 1, 2], "eligible mixing layers: 0 = input, 1 / 2 = after stage 1 / 2", int_list(0, 2)),

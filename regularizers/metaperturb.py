@@ -150,6 +150,7 @@ class MetaPerturb(Regularizer):
 
     citation = ("Ryu, Shin, Lee, Hwang. MetaPerturb: Transferable Regularizer for Heterogeneous Tasks and "
                 "Architectures. NeurIPS 2020 (arXiv 2006.07540).")
+    display = "MetaPerturb"
     requires = ("metatrain",)
     hparams = {
         "phi": Hparam(None, "phi file or asset name (e.g. metaperturb_official); null = the run's metatrain artifact"),
@@ -257,6 +258,10 @@ class MetaPerturb(Regularizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state.get("step", 0))
         self._set_coeff()
+
+    def transferred(self) -> int:
+        """phi: the 82 meta-learned numbers (the per-site running statistics are learned on the target)."""
+        return PHI_NUMEL
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

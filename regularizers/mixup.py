@@ -81,6 +81,7 @@ class Mixup(TimmMixer):
 
     citation = ("Zhang, Cisse, Dauphin, Lopez-Paz. mixup: Beyond Empirical Risk Minimization. ICLR 2018 "
                 "(arXiv 1710.09412).")
+    display = "Mixup"
     hparams = {
         "mixup_alpha": Hparam(1.0, "Beta(alpha, alpha) of lambda", at_least(0, strict=True)),
         "prob": Hparam(1.0, "probability of mixing a batch", between(0, 1)),

@@ -19,6 +19,7 @@ class SpatialDropout(Regularizer):
 
     citation = ("Tompson, Goroshin, Jain, LeCun, Bregler. Efficient Object Localization Using Convolutional "
                 "Networks. CVPR 2015.")
+    display = "SpatialDropout"
     hparams = {"p": Hparam(0.1, "probability of dropping a channel", between(0, 1, hi_open=True))}
 
     @classmethod

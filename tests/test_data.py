@@ -74,7 +74,8 @@ def write_stl10(root: Path, split: str, file_bytes: bytes, labels_1_to_10: list[
 # -- registry -----------------------------------------------------------------------------------------------------
 def test_registry_lists_every_dataset_with_metadata():
     names = DATASETS.names()
-    assert names == ["synthetic", "digits", "mnist5k", "fashion_mnist", "cifar100", "svhn", "stl10"]
+    assert names == ["synthetic", "digits", "mnist5k", "fashion_mnist", "cifar100", "svhn", "stl10",
+                     "tiny_imagenet", "stanford_dogs", "stanford_cars", "fgvc_aircraft", "cub200"]
     for entry in DATASETS.entries():
         cls = entry.obj
         assert issubclass(cls, DatasetSource) and cls.name == entry.name

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mpbench.data import load_dataset
-from mpbench.metatrain import MetaTrainer, choose, halves, make_tasks, metatrain, selection_data
+from mpbench.metatrain import MetaTrainer, choose, make_tasks, metatrain, selection_data
 from mpbench.sites import is_batchnorm
 from mpbench.train import Interrupted, RunHooks
 
@@ -81,6 +80,20 @@ def test_paper_split_holds_out_part_of_the_same_classes(tmp_path):
     sel_train, sel_valid = selection_data(load_dataset("synthetic", tmp_path, "test"))
     assert set(_digests(sel_train.images)).isdisjoint(_digests(sel_valid.images))
     assert set(_digests(sel_train.images)).isdisjoint(_digests(data.images))   # held out from meta-training
+
+
+def test_selection_on_another_dataset_is_disjoint_from_its_small_subset(tmp_path):
+    """The paper's rule: the best phi is chosen on CIFAR-100 images disjoint from s-CIFAR100 (the first 50 per
+    class); here the same rule on synthetic (its first 20 per class play s-CIFAR100)."""
+    spec = _spec(selection={"dataset": "synthetic", "skip_per_class": 20, "per_class": 30})
+    sel_train, sel_valid = selection_data(None, spec, tmp_path)
+    small = load_dataset("synthetic", tmp_path, "train", per_class=20)
+    chosen = _digests(sel_train.images) + _digests(sel_valid.images)
+    assert len(chosen) == 10 * 30 and set(chosen).isdisjoint(_digests(small.images))
+    assert set(_digests(sel_train.images)).isdisjoint(_digests(sel_valid.images))
+    record, _ = metatrain(_spec(runs=2, select_steps=2, selection=spec["selection"]), tmp_path, CPU)
+    assert record["selection"]["rule"] == spec["selection"] and "after the first 20" in record["selection"]["data"]
+    assert record["selection"]["train"] + record["selection"]["valid"] == 300
 
 
 def test_phi_step_is_the_task_average_and_theta_gets_no_phi_update(tmp_path):

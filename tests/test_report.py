@@ -5,7 +5,6 @@ them with ``MPBENCH_UPDATE_GOLDEN=1 .venv/bin/pytest -q tests/test_report.py`` a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -103,8 +102,11 @@ def test_fixture_aggregate_and_footer() -> None:
     assert "final" in footer["metric"] and "95% CI" in footer["metric"]
     assert render_rich(agg, "acc", footer).row_count == 2
     by_lr, footer, _ = prepare_report(FIXTURE, "fixture", rows=["regularizer", "train.lr"], columns=[])
-    assert by_lr.loc[("metaperturb", "?"), "n_expected"] == 1         # listed run without dir: lr unknown
-    assert "warning" in footer                                        # model/dataset pooled into one cell
+    assert by_lr.loc[("metaperturb (model=wrn16_4)", "?"), "n_expected"] == 1   # listed run without dir: lr unknown
+    # model left out of the layout: never averaged across models, the rows are split by it instead
+    assert by_lr.loc[("metaperturb (model=resnet20)", 0.001), "n"] == 2
+    assert by_lr.loc[("metaperturb (model=wrn16_4)", 0.001), "n"] == 2
+    assert footer["rows split by"].startswith("model") and "warning" not in footer
 
 
 def test_load_runs_states_and_unreadable_dirs() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -17,8 +17,12 @@ import torch
 from mpbench.errors import DataMissingError, MpbenchError, UsageError
 from mpbench.registry import Registry, import_plugins
 
+if TYPE_CHECKING:
+    from mpbench.data.archives import Part
+
 SPLITS = ("train", "test")
-FAMILIES = ("synthetic", "sklearn_digits", "mnist", "cifar", "svhn", "stl10")  # registration = table order
+FAMILIES = ("synthetic", "sklearn_digits", "mnist", "cifar", "svhn", "stl10",  # registration = table order
+            "tiny_imagenet", "stanford_dogs", "stanford_cars", "fgvc_aircraft", "cub200")
 
 
 def _load_families() -> None:
@@ -65,12 +69,18 @@ class DatasetSource:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    display: ClassVar[str] = ""  # how tables name it ("Stanford Dogs"); "" = its registry name
     how_to_get: ClassVar[str] = ""  # one line: the exact command or placement that provides the files
     num_classes: ClassVar[int]
     channels: ClassVar[int]
-    image_size: ClassVar[int]
+    image_size: ClassVar[int]  # the size ``read`` returns (native, or the stored size of decoded JPEG sets)
+    # the size CIFAR-style networks should see when a suite leaves ``data.image_size`` unset (None: image_size)
+    default_image_size: ClassVar[int | None] = None
     sizes: ClassVar[dict[str, int]] = {}  # images per split, checked by ``verify``
     md5: ClassVar[dict[str, str]] = {}  # published checksums of fixed files, by file name (torchvision's values)
+    archive_md5: ClassVar[dict[str, str]] = {}  # published checksums of the archives ``prepare --from`` accepts
+    parts: ClassVar[tuple["Part", ...]] = ()  # where ``prepare --from`` finds each piece of the layout
+    verify_classes: ClassVar[bool] = False  # ``verify`` also checks every class has an image in each split
     builtin: ClassVar[bool] = False  # True when the data ships with a Python package (no files under root)
 
     def files(self, root: Path, split: str) -> list[Path]:
@@ -93,12 +103,24 @@ class DatasetSource:
             where = ", ".join(str(p) for p in paths) or "built-in data"
             raise self.error(f"cannot parse {where} ({type(e).__name__}: {e})", root) from e
 
-    def prepare(self, root: Path) -> str:
-        """Make the files available offline where possible; by default only checks that they are in place."""
+    def prepare(self, root: Path, sources: Sequence[Path] = ()) -> str:
+        """Make the files available offline: import ``sources`` (archives, folders or files the user downloaded,
+        ``mpbench data prepare NAME --from PATH``) into the layout under ``root`` and verify them; without
+        sources only check that the files are in place (the error says what to fetch)."""
+        root = Path(root)
         if self.builtin:
+            if sources:
+                raise UsageError(f"{self.name}: --from is not supported for datasets that ship with a Python "
+                                 f"package (nothing to import: {self.how_to_get}); run `mpbench data prepare "
+                                 f"{self.name}` without --from")
             return f"{self.name}: built in, nothing to prepare"
+        if sources:
+            from mpbench.data.archives import import_sources
+
+            placed = import_sources(self, root, [Path(s) for s in sources])
+            return f"{self.name}: {placed}; {self.verify(root)}"
         for split in SPLITS:
-            self.require(Path(root), split)
+            self.require(root, split)
         return f"{self.name}: files present under {root}"
 
     def verify(self, root: Path) -> str:
@@ -123,7 +145,16 @@ class DatasetSource:
                 raise self.error(f"{split} has {len(data)} images, expected {count}", root)
             if len(data) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < self.num_classes:
                 raise self.error(f"{split} labels fall outside 0..{self.num_classes - 1}", root)
-            parts.append(f"{split} {len(data)}")
+            if self.verify_classes:
+                counts = np.bincount(data.labels.numpy(), minlength=self.num_classes)
+                empty = np.flatnonzero(counts == 0)
+                if empty.size:
+                    more = f" (and {empty.size - 1} more)" if empty.size > 1 else ""
+                    raise self.error(f"class {int(empty[0])}{more} has no {split} images (each of the "
+                                     f"{self.num_classes} classes needs at least one)", root)
+                parts.append(f"{split} {len(data)} ({int(counts.min())}-{int(counts.max())} per class)")
+            else:
+                parts.append(f"{split} {len(data)}")
         where = "built in" if self.builtin else f"under {root}"
         md5 = f", {checked} md5 ok" if checked else ""
         return (f"{self.name}: ok, {' + '.join(parts)} images of {self.channels}x{self.image_size}x{self.image_size}, "

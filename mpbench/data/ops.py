@@ -37,6 +37,20 @@ def first_per_class(data: ImageData, n: int) -> ImageData:
     return ImageData(data.images[keep], data.labels[keep], data.num_classes)
 
 
+def held_out_per_class(data: ImageData, per_class: int, take: int) -> ImageData:
+    """The images of each class that ``first_per_class(data, per_class)`` leaves out, at most ``take`` of them per
+    class, in file order: the ``per_class``-th to ``per_class + take - 1``-th image of each class (0-based). Disjoint
+    from the ``per_class`` subset, e.g. a validation set beside s-CIFAR100 (``per_class=50``). A class with at most
+    ``per_class`` images contributes none; none left at all is a ``UsageError``."""
+    if per_class < 0 or take < 1:
+        raise UsageError(f"held-out images need per_class >= 0 and take >= 1, got per_class={per_class}, take={take}")
+    ranks = torch.from_numpy(class_ranks(data.labels.numpy(), data.num_classes))
+    keep = (ranks >= per_class) & (ranks < per_class + take)
+    if not bool(keep.any()):
+        raise UsageError(f"no class has more than {per_class} images, so none are held out: lower per_class")
+    return ImageData(data.images[keep], data.labels[keep], data.num_classes)
+
+
 def class_split(data: ImageData, groups: list[list[int]]) -> list[ImageData]:
     """Class-disjoint tasks, one per group of original labels, each relabelled ``0..k-1`` in the group's order."""
     seen: set[int] = set()

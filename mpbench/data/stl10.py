@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpbench.data.archives import Part
 from mpbench.data.base import DatasetSource, ImageData, register_dataset
 
 
@@ -14,13 +15,17 @@ class STL10(DatasetSource):
 
     citation = ("Coates, Ng, Lee. An Analysis of Single-Layer Networks in Unsupervised Feature Learning. "
                 "AISTATS, 2011.")
-    how_to_get = ("download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and run "
-                  "`tar xzf stl10_binary.tar.gz -C <data root>` (gives <data root>/stl10_binary/)")
+    display = "STL10"
+    how_to_get = ("download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and run `mpbench data "
+                  "prepare stl10 --from stl10_binary.tar.gz` (gives <data root>/stl10_binary/)")
     num_classes, channels, image_size = 10, 3, 96
+    default_image_size = 32  # the paper trains its STL-10 target at 32 px
     sizes = {"train": 5000, "test": 8000}
     md5 = {"train_X.bin": "918c2871b30a85fa023e0c44e0bee87f", "train_y.bin": "5a34089d4802c674881badbb80307741",
            "test_X.bin": "7f263ba9f9e0b06b93213547f721ac82", "test_y.bin": "36f9794fa4beb8a2c72628de14fa638e"}
+    archive_md5 = {"stl10_binary.tar.gz": "91f7769df0f17e558f3565bffb0c7dfb"}  # torchvision's value
     folder = "stl10_binary"
+    parts = (Part(folder, contains=("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")),)
 
     def files(self, root: Path, split: str) -> list[Path]:
         return [root / self.folder / f"{split}_X.bin", root / self.folder / f"{split}_y.bin"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpbench.data.archives import Part
 from mpbench.data.base import DatasetSource, ImageData, register_dataset
 
 
@@ -14,12 +15,17 @@ class SVHN(DatasetSource):
 
     citation = ("Netzer, Wang, Coates, Bissacco, Wu, Ng. Reading Digits in Natural Images with Unsupervised "
                 "Feature Learning. NIPS Workshop on Deep Learning and Unsupervised Feature Learning, 2011.")
-    how_to_get = ("download http://ufldl.stanford.edu/housenumbers/train_32x32.mat and test_32x32.mat "
-                  "into <data root>/svhn/")
+    display = "SVHN"
+    how_to_get = ("download http://ufldl.stanford.edu/housenumbers/train_32x32.mat and test_32x32.mat and run "
+                  "`mpbench data prepare svhn --from train_32x32.mat --from test_32x32.mat` (places them in "
+                  "<data root>/svhn/)")
     num_classes, channels, image_size = 10, 3, 32
+    default_image_size = 32
     sizes = {"train": 73257, "test": 26032}
     md5 = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}
     folder = "svhn"
+    parts = (Part(f"{folder}/train_32x32.mat", name="train_32x32.mat"),
+             Part(f"{folder}/test_32x32.mat", name="test_32x32.mat"))
 
     def files(self, root: Path, split: str) -> list[Path]:
         return [root / self.folder / f"{split}_32x32.mat"]

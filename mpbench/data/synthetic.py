@@ -17,6 +17,7 @@ class Synthetic(DatasetSource):
     citation = "mpbench synthetic data (no publication)."
     how_to_get = "nothing to get: generated from a fixed seed"
     num_classes, channels, image_size = 10, 3, 16
+    default_image_size = image_size  # native
     sizes = {"train": 600, "test": 200}
     builtin = True
     seed, noise, max_shift = 0, 48.0, 3

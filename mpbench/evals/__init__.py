@@ -88,7 +88,8 @@ EVALS: Registry[type[Evaluation]] = Registry("evaluation", loader=_load_plugins)
 # what every run records besides its evaluations (result.json top level), for tables of cost
 RUN_METRICS = (Metric("wall_time_s", "wall time", "s", "lower", decimals=1),
                Metric("images_per_s", "images/s", "", "higher", decimals=0),
-               Metric("steps", "steps", "", None, decimals=0))
+               Metric("steps", "steps", "", None, decimals=0),
+               Metric("transferred_params", "# transferred parameters", "", None, decimals=0))
 
 
 def register_eval(name: str, description: str = "") -> Callable[[type], type]:

@@ -11,6 +11,19 @@ from mpbench.jobs import JobKind, register_job_kind
 
 
 @dataclass
+class SelectionConfig:
+    """Where the best of ``runs`` phis is chosen. ``dataset`` null: the source's test split (never seen by
+    meta-training); else that dataset's training images after the first ``skip_per_class`` of each class (the
+    paper: held-out CIFAR-100 disjoint from s-CIFAR100 = cifar100 with skip_per_class 50), at most ``per_class``
+    of them per class. Either way halved per class: the first half trains a fresh network with phi frozen, the
+    second half scores it."""
+
+    dataset: Optional[str] = None
+    skip_per_class: int = 0
+    per_class: Optional[int] = None
+
+
+@dataclass
 class MetatrainStage:
     """Meta-training of MetaPerturb's perturbation function on class-disjoint source tasks."""
 
@@ -27,6 +40,7 @@ class MetatrainStage:
     inner_steps: int = 1
     runs: int = 1                        # independent meta-training runs; the best phi on held-out data is kept
     select_steps: Optional[int] = None   # training steps of the held-out selection (None = min(steps, 200))
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint_every: int = 0            # meta-steps between resumable checkpoints; not identity
     seed: int = 0
@@ -46,10 +60,18 @@ class Metatrain(JobKind):
         for key in ("steps", "runs", "batch_size", "inner_steps", "groups", "lr"):
             check_positive(f"{prefix}.{key}", section[key])
         check_positive(f"{prefix}.checkpoint_every", section.checkpoint_every, allow_zero=True)
+        check_positive(f"{prefix}.selection.skip_per_class", section.selection.skip_per_class, allow_zero=True)
+        if section.selection.per_class is not None:
+            check_positive(f"{prefix}.selection.per_class", section.selection.per_class)
 
     @classmethod
     def stage_spec(cls, section: dict[str, Any], run_spec: dict[str, Any], in_chans: int) -> dict[str, Any]:
         return dict(section)
+
+    @classmethod
+    def datasets(cls, spec: dict[str, Any]) -> list[str]:
+        chosen_on = (spec.get("selection") or {}).get("dataset")
+        return [spec["dataset"]] + ([chosen_on] if chosen_on and int(spec["runs"]) > 1 else [])
 
     @classmethod
     def steps(cls, spec: dict[str, Any]) -> int:

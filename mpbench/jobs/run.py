@@ -20,4 +20,5 @@ class Run(JobKind):
 
         setup = build(spec, ex.data_root, ex.device, ex.artifacts)
         out = train_loop(setup, spec, ex.device, ex.hooks)
-        return {**out, "regularizers": setup.stack.describe(), "eval_protocol": setup.stack.eval_protocol.describe()}
+        return {**out, "regularizers": setup.stack.describe(), "eval_protocol": setup.stack.eval_protocol.describe(),
+                "transferred_params": setup.stack.transferred()}

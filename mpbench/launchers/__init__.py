@@ -18,7 +18,6 @@ from mpbench.jobs import JOB_KINDS
 from mpbench.plan import Job, Plan
 from mpbench.progress import SuiteProgress
 from mpbench.registry import Registry
-from mpbench.store import RunDir, write_json
 
 
 def _load() -> None:
@@ -89,6 +88,8 @@ class Request:
     retry_failed: bool = False
     progress: SuiteProgress | None = None
     outcomes: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)       # the invocation's key=value overrides (recorded)
+    defined: Plan | None = None                               # the suite without overrides (None: same as plan)
 
     @property
     def launcher(self) -> DictConfig:
@@ -102,12 +103,15 @@ class Request:
 
 
 def write_plan(req: Request) -> None:
-    """Create every job's directory and config, and the suite's list of run ids."""
+    """Create every job's directory and config, and record this invocation in the suite's record."""
+    from mpbench.record import record_invocation
+
     for job in req.plan.jobs:
-        job.dir(req.results).create(job.slug, job.spec)
-    write_json(req.results / "suites" / f"{req.plan.suite}.json", {
-        "name": req.plan.suite, "description": req.plan.description, "runs": [j.id for j in req.plan.runs],
-        "artifacts": [j.id for j in req.plan.artifacts], "report": req.plan.report})
+        job.dir(req.results).create(job.slug, job.spec, job.name)
+    defined = req.defined or req.plan
+    record_invocation(req.results, req.plan.suite, req.plan.description, req.plan.report,
+                      ([j.id for j in defined.runs], [j.id for j in defined.artifacts]),
+                      [j.id for j in req.plan.runs], [j.id for j in req.plan.artifacts], req.overrides)
 
 
 def needs_work(job: Job, req: Request) -> bool:

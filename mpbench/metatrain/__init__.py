@@ -64,11 +64,12 @@ def metatrain(spec: dict[str, Any], data_root: Path, device: torch.device, hooks
         raise UsageError(f"{WORLD_ENV}={world} exceeds the {len(tasks)} source tasks: use at most {len(tasks)}")
     steps, runs = int(spec["steps"]), int(spec["runs"])
     checkpoint_every = int(hooks.checkpoint_every or 0)
-    sel = selection_data(test) if runs > 1 else None
+    sel = selection_data(test, spec, data_root) if runs > 1 else None
     select_steps = int(spec["select_steps"] or min(steps, 200)) if sel is not None else None
     if sel is not None and (min(len(sel[0]), len(sel[1])) < 2):
-        raise UsageError(f"stages.metatrain.runs={runs}: the held-out selection needs the test split of "
-                         f"{spec['dataset']} (>= 2 images per half)")
+        where = (spec.get("selection") or {}).get("dataset") or f"{spec['dataset']} (its test split)"
+        raise UsageError(f"stages.metatrain.runs={runs}: the held-out selection on {where} has fewer than 2 images "
+                         f"per half: give stages.metatrain.selection more images, or runs=1")
 
     state = hooks.load_checkpoint()
     if state is not None and state.get("kind") != "metatrain":

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mpbench.batches import BatchStream
 from mpbench.data.base import ImageData

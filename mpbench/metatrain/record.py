@@ -12,6 +12,15 @@ from mpbench.data.base import ImageData
 from mpbench.metatrain.tasks import Task, split_rule
 
 
+def _selection_text(spec: dict[str, Any]) -> str:
+    chosen = spec.get("selection") or {}
+    if not chosen.get("dataset"):
+        return f"{spec['dataset']} test split (not used by meta-training), all source classes"
+    take = f"up to {chosen['per_class']}" if chosen.get("per_class") is not None else "all"
+    return (f"{chosen['dataset']} training images after the first {chosen.get('skip_per_class') or 0} of each class "
+            f"({take} per class; disjoint from data.per_class <= {chosen.get('skip_per_class') or 0} subsets)")
+
+
 def artifact_record(spec: dict[str, Any], tasks: list[Task], done: list[dict[str, Any]], best: int,
                     info: dict[str, Any], sel: tuple[ImageData, ImageData] | None, select_steps: int | None,
                     world: int, history: list[dict[str, Any]], train_time: float, started: float) -> dict[str, Any]:
@@ -34,9 +43,9 @@ def artifact_record(spec: dict[str, Any], tasks: list[Task], done: list[dict[str
         "seeds": [int(spec["seed"]) + r for r in range(int(spec["runs"]))],
         "runs": [{k: v for k, v in d.items() if k != "phi"} for d in done],
         "chosen_run": best,
-        "selection": ({"data": f"{spec['dataset']} test split (not used by meta-training), all source classes, "
-                               "halved per class: first half trains a fresh network with phi frozen, second half "
-                               "scores it (deterministic)",
+        "selection": ({"data": _selection_text(spec) + ", halved per class: first half trains a fresh network "
+                               "with phi frozen, second half scores it (deterministic)",
+                       "rule": dict(spec.get("selection") or {}),
                        "steps": select_steps, "metric": "acc (ties: nll)",
                        "train": len(sel[0]), "valid": len(sel[1])} if sel is not None else
                       {"data": None, "note": "runs=1: nothing to choose"}),

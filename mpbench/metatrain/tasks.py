@@ -122,6 +122,22 @@ def source_tasks(spec: dict[str, Any], data_root: Path) -> tuple[list[Task], Ima
     return make_tasks(train, spec["split"], int(spec["groups"])), test
 
 
-def selection_data(test: ImageData) -> tuple[ImageData, ImageData]:
-    """The held-out selection task: the source test split, halved per class (train half, scoring half)."""
-    return halves(test)
+def selection_data(test: ImageData, spec: dict[str, Any] | None = None, data_root: Path | None = None
+                   ) -> tuple[ImageData, ImageData]:
+    """The held-out selection task, halved per class (train half, scoring half): the source test split, or the
+    images of ``spec["selection"]["dataset"]``'s training split after the first ``skip_per_class`` of each class
+    (at most ``per_class`` of them), at the stage's image size and channels."""
+    chosen = (spec or {}).get("selection") or {}
+    if not chosen.get("dataset"):
+        return halves(test)
+    from mpbench.train import load_data
+
+    train, _ = load_data({"dataset": chosen["dataset"], "data": {**dict(spec["data"]), "per_class": None,
+                                                                 "classes": None}}, Path(data_root))
+    ranks, _ = _rank_counts(train)
+    skip, take = int(chosen.get("skip_per_class") or 0), chosen.get("per_class")
+    keep = (ranks >= skip) & ((ranks < skip + int(take)) if take is not None else True)
+    if not keep.any():
+        raise UsageError(f"stages.metatrain.selection: {chosen['dataset']} has no training image after the first "
+                         f"{skip} of each class: lower selection.skip_per_class")
+    return halves(_subset(train, np.asarray(keep)))
