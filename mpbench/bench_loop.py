@@ -117,7 +117,7 @@ def probe_step(setup: Setup, spec: dict[str, Any], device: torch.device):
     count = iter(range(10 ** 9))
 
     def step() -> None:
-        total, _ = stepper.step(next(count))
+        total, _, _ = stepper.step(next(count))
         float(total)
         sync_device(device)
 

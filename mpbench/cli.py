@@ -196,8 +196,21 @@ def status(overrides: tuple[str, ...], fmt: str, results: str | None) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write to FILE instead of stdout")
 @click.option("--only-last", is_flag=True, help="only the runs of the suite's last `mpbench run` invocation")
 @click.option("--invocation", default=None, metavar="ID", help="only the runs of this invocation (ids: `status`)")
+@click.option("--reference", type=click.Path(dir_okay=False, exists=True), default=None, metavar="FILE",
+              help="a paper's numbers (row,column,value,source CSV) to show each cell's difference to; default "
+                   "<results>/paper/<suite>.csv when present")
+@click.option("--wandb", "to_wandb", is_flag=True,
+              help="also log the table as a W&B Table to a summary run of the suite's group (online with "
+                   "credentials, else offline under <results>/wandb-reports)")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="the metric to tabulate (repeat for several tables, e.g. --metric acc --metric nll --metric ece); "
+                   "default: the suite's report.metric")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="also write the paper figures (PNG and PDF) of the same runs to DIR: learning curves, reliability "
+                   "diagrams, accuracy vs eps, per cell; each file written is listed on stderr")
 @results_option
 def report(overrides: tuple[str, ...], fmt: str, out: str | None, only_last: bool, invocation: str | None,
+           reference: str | None, to_wandb: bool, metrics: tuple[str, ...], plot_dir: str | None,
            results: str | None) -> None:
     """Aggregate a suite's runs: mean and 95% CI over seeds, best mean bold, missing seeds marked.
 
@@ -214,12 +227,19 @@ def report(overrides: tuple[str, ...], fmt: str, out: str | None, only_last: boo
         key, value = item.split("=", 1)
         if key not in ("rows", "columns", "metric"):
             raise UsageError(f"report takes suite=, rows=, columns=, metric=; got {key!r}")
-        layout[key] = value if key == "metric" else value.strip("[]").split(",")
+        layout[key] = value.strip("[]").split(",")
+    wanted = list(metrics) + layout.pop("metric", [])
     res = _results_dir(results)
     if not res.is_dir():
         raise UsageError(f"no results dir {res}: run `mpbench run suite=NAME` first or pass --results DIR")
-    text, skipped = build_report(res, suite_name(suite) if suite else None, fmt, only_last=only_last,
-                                 invocation=invocation, **layout)
+    texts = []
+    for metric in wanted or [None]:
+        text, skipped = build_report(res, suite_name(suite) if suite else None, fmt, only_last=only_last,
+                                     invocation=invocation, reference=Path(reference) if reference else None,
+                                     metric=metric, **layout)
+        texts.append(text if fmt != "csv" or not texts else text.split("\n", 1)[1])   # csv: one header
+    text = ("[" + ",\n".join(texts) + "]") if fmt == "json" and len(texts) > 1 else \
+        ("" if fmt == "csv" else "\n").join(texts)
     if out:
         try:
             atomic_write(Path(out), text if text.endswith("\n") else text + "\n")
@@ -233,6 +253,30 @@ def report(overrides: tuple[str, ...], fmt: str, out: str | None, only_last: boo
         click.echo(text)
     for name, reason in skipped:
         err_console.print(f"skipped unreadable run dir {name}: {reason}", highlight=False)
+    if plot_dir:                                   # the figures of the same runs (mpbench/figures.py)
+        from mpbench.figures import write_figures
+
+        files = write_figures(res, Path(plot_dir), suite_name(suite) if suite else None, only_last=only_last,
+                              invocation=invocation, metric=(wanted or [None])[0], **layout)
+        for path in files:
+            err_console.print(str(path), highlight=False, markup=False, soft_wrap=True)
+        if not files:
+            err_console.print(f"no figures written to {plot_dir}: no done run has curves, reliability or robustness "
+                              f"data", highlight=False, markup=False)
+    if to_wandb:
+        import io
+
+        import pandas as pd
+
+        from mpbench.wandb_sink import log_table
+
+        long = pd.read_csv(io.StringIO(build_report(res, suite_name(suite) if suite else None, "csv",
+                                                    only_last=only_last, invocation=invocation,
+                                                    metric=(wanted or [None])[0], **layout)[0]))
+        run_id = log_table(suite_name(suite) if suite else "all-runs", long, "auto", "mpbench", None,
+                           res / "wandb-reports")
+        err_console.print(f"W&B: the table is in run {run_id}" if run_id else "W&B: off (nothing logged)",
+                          highlight=False)
 
 
 @cli.command(name="list")
@@ -302,7 +346,7 @@ def data_verify(name: str, root: str | None) -> None:
 
 
 @cli.command()
-@click.argument("what", type=click.Choice(["metaperturb", "loop", "regularizers"]))
+@click.argument("what", type=click.Choice(["metaperturb", "loop", "regularizers", "throughput", "makespan"]))
 @click.option("--model", default="resnet20", show_default=True)
 @click.option("--batch", default=128, show_default=True)
 @click.option("--size", default=32, show_default=True, help="image size in pixels")
@@ -313,16 +357,27 @@ def data_verify(name: str, root: str | None) -> None:
               help="metaperturb: implementation(s) to time (default: fast and reference); fast uses the native "
                    "CPU kernels where they build, pytorch is fast without them")
 @click.option("--channels-last", is_flag=True, help="metaperturb: run every variant in channels_last")
+@click.option("--method", default="base", show_default=True, help="throughput: the regularizer of the timed run")
+@click.option("--variant", "variants", multiple=True, metavar="NAME",
+              help="throughput: time only these variants (default: all; eager is always timed)")
+@click.option("--runs", default=16, show_default=True, help="makespan: equal runs in the suite")
+@click.option("--slots", default=2, show_default=True, help="makespan: pool slots (CPU)")
+@click.option("--per-job-process", is_flag=True,
+              help="makespan: a fresh worker process per job (the pool launcher before persistent workers)")
 @click.option("--malloc-tune/--no-malloc-tune", default=True, show_default=True,
               help="keep freed memory in the process as training runs do (mpbench.malloc; MPBENCH_MALLOC_TUNE=0)")
 def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str,
-          impl: tuple[str, ...], channels_last: bool, malloc_tune: bool) -> None:
+          impl: tuple[str, ...], channels_last: bool, method: str, malloc_tune: bool, runs: int, slots: int,
+          per_job_process: bool, variants: tuple[str, ...] = ()) -> None:
     """Step-time benchmarks, measured interleaved in one process (no timing asserts live in tests).
 
     \b
     metaperturb   base vs MetaPerturb ms/step and their ratio
     loop          mpbench's run loop vs a bare PyTorch loop (same model, batch, optimizer)
     regularizers  every registered method's ms/step relative to base
+    throughput    ms/step and images/s under each execution option (and combinations) vs eager (--method)
+    makespan      a suite of --runs equal short runs on --slots pool slots: makespan vs sum of run times / slots
+                  (--steps per run, default 800; --threads per slot, default cores / slots)
     """
     if not malloc_tune:
         os.environ["MPBENCH_MALLOC_TUNE"] = "0"
@@ -331,6 +386,20 @@ def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int
 
         bench_metaperturb(model, batch, size, threads, steps, impls=impl or ("fast", "reference"),
                           channels_last=channels_last, device=device, malloc_tune=malloc_tune)
+        return
+    if what == "makespan":
+        from mpbench.bench_makespan import bench_makespan
+
+        given = click.get_current_context().get_parameter_source
+        default = click.core.ParameterSource.DEFAULT
+        bench_makespan(runs, slots, steps=None if given("steps") == default else steps,
+                       threads=None if given("threads") == default else threads, per_job_process=per_job_process)
+        return
+    if what == "throughput":
+        from mpbench.bench_throughput import bench_throughput, format_table, pick_variants
+
+        click.echo(format_table(bench_throughput(model, method, batch, size, threads, steps, device,
+                                                 variants=pick_variants(variants))))
         return
     from mpbench import bench_loop
 

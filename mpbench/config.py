@@ -33,6 +33,7 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.4, 0.7, 0.9])   # fractions of steps
     gamma: float = 0.3
     eval_every: int = 0                 # 0 = final evaluation only
+    log_every: int = 0                  # steps per training row in metrics.jsonl / W&B (0 = about 200 rows a run)
     eval_batch_size: int = 500
     eval_passes: Optional[int] = None   # MC passes of periodic evals (None = the method's protocol)
     final_eval_passes: Optional[int] = None
@@ -64,8 +65,28 @@ class LauncherConfig:
     cpus_per_task: int = 2
     mem_gb: int = 8
     array_parallelism: int = 16
+    jobs_per_task: int = 1               # jobs one array element runs in sequence, in one process
     folder: Optional[str] = None         # submitit logs (default <results>/slurm)
     sbatch: dict[str, Any] = field(default_factory=dict)   # extra sbatch parameters, validated by name
+
+
+AUTOCAST_MODES = ("none", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class ExecutionConfig:
+    """How each run's training step executes (``mpbench/execution.py``): not part of a run's identity, recorded in
+    result.json (``execution``) with any fallback and its reason. All off by default; only ``autocast=bf16`` changes
+    the numbers' distribution (the others change fp32 rounding at most)."""
+
+    channels_last: bool = False         # model and training batches in NHWC
+    cudnn_benchmark: bool = False       # cuDNN autotuner (CUDA only)
+    fused_adam: bool = False            # torch's fused Adam kernel (Adam only; CPU and CUDA)
+    autocast: str = "none"              # none | bf16 (BatchNorm and MetaPerturb's perturbation stay float32)
+    compile: bool = False               # torch.compile of the model's training forward
+    compile_mode: str = "default"       # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    cuda_graph: bool = False            # the whole step in one CUDA graph (CUDA, graph-safe methods, Adam)
 
 
 @dataclass
@@ -99,6 +120,7 @@ class SuiteConfig:
     eval_settings: dict[str, Any] = field(default_factory=dict)  # eval_settings.<evaluation>.<setting>
     stages: Any = None                                           # stages.<kind>: one section per stage job kind
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)   # how steps run; not identity
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     source: Optional[str] = None        # the suite file, set by mpbench
@@ -273,6 +295,7 @@ def validate_train(t: Any, prefix: str = "train") -> None:
     check_positive(f"{prefix}.batch_size", t.batch_size)
     check_positive(f"{prefix}.lr", t.lr)
     check_positive(f"{prefix}.eval_every", t.eval_every, allow_zero=True)
+    check_positive(f"{prefix}.log_every", t.log_every, allow_zero=True)
     check_positive(f"{prefix}.eval_batch_size", t.eval_batch_size)
     check_positive(f"{prefix}.weight_decay", t.weight_decay, allow_zero=True)
     check_choice(f"{prefix}.optimizer", t.optimizer, ("adam", "sgd"))
@@ -326,6 +349,9 @@ def validate(cfg: DictConfig) -> None:
     check_positive("launcher.slots", cfg.launcher.slots)
     check_positive("launcher.threads", cfg.launcher.threads, allow_zero=True)
     check_positive("launcher.max_retries", cfg.launcher.max_retries, allow_zero=True)
+    check_choice("execution.autocast", cfg.execution.autocast, AUTOCAST_MODES)
+    check_choice("execution.compile_mode", cfg.execution.compile_mode, COMPILE_MODES)
+    check_positive("launcher.jobs_per_task", cfg.launcher.jobs_per_task)
     from mpbench.jobs import stage_kinds
 
     for kind in stage_kinds():

@@ -53,7 +53,8 @@ class Plan:
         return self.artifacts + self.runs
 
 
-NOT_IDENTITY = ("checkpoint_every",)   # (train.)keys that change how a run executes, not what it computes
+NOT_IDENTITY = ("checkpoint_every", "log_every")   # (train.)keys that change how a run executes or logs, not what
+                                                    # it computes
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

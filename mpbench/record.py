@@ -94,3 +94,17 @@ def select_runs(results: Path, record: dict[str, Any], only_last: bool = False,
         chosen = every[-1]
     over = " ".join(chosen.get("overrides") or []) or "no overrides"
     return list(chosen["runs"]), one_line(f"invocation {chosen['id']} only ({over}; {len(chosen['runs'])} runs)")
+
+
+def report_selection(results: Path, suite: str | None, only_last: bool = False, invocation: str | None = None
+                     ) -> tuple[list[str] | None, dict[str, Any], str | None]:
+    """(run ids, the suite's report layout, what they cover) for a report or its figures; every run when no suite."""
+    if not suite:
+        if only_last or invocation:
+            raise UsageError("--only-last and --invocation need suite=NAME")
+        return None, {}, None
+    from mpbench.results import load_suite
+
+    record = load_suite(results, suite)
+    run_ids, covers = select_runs(results, record, only_last, invocation)
+    return run_ids, record.get("report") or {}, covers

@@ -94,6 +94,11 @@ class Regularizer:
     requires: ClassVar[tuple[str, ...]] = ()    # artifact kinds this method needs: "pretrain", "metatrain"
     mixes_batch: ClassVar[bool] = False         # at most one batch mixer per run
     claims: ClassVar[tuple[str, ...]] = ()      # exclusive resources, e.g. ("init",)
+    # True: the training step of this method can be captured in a CUDA graph (execution.cuda_graph) and replayed:
+    # no host sync (.item(), float(tensor), bool(tensor)), no numpy / Python randomness, no per-step Python value
+    # read inside the step (a schedule's coefficient would be frozen at its capture-time value), no shape that
+    # changes from step to step. False: runs with this method execute eagerly, and result.json says why.
+    graph_safe: ClassVar[bool] = True
 
     def __init__(self, ctx: RunContext, **hp: Any):
         self.ctx = ctx
@@ -156,6 +161,10 @@ class Regularizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def scalars(self) -> dict[str, float]:
+        """The method's own numbers worth a curve (a schedule's current value), logged with the training rows."""
+        return {}
 
     def transferred(self) -> int:
         """How many numbers this method carries over from a source stage into the run (after ``attach``): the
@@ -227,6 +236,11 @@ class RegularizerStack:
             m.end_forward()
 
     @property
+    def graph_safe(self) -> bool:
+        """Every member's training step can be captured in a CUDA graph (``Regularizer.graph_safe``)."""
+        return all(m.graph_safe for m in self.members)
+
+    @property
     def eval_protocol(self) -> EvalProtocol:
         protos = [m.eval_protocol for m in self.members] or [EvalProtocol()]
         return EvalProtocol(max(p.passes for p in protos), max(p.final_passes for p in protos))
@@ -251,6 +265,9 @@ class RegularizerStack:
 
     def transferred(self) -> int:
         return sum(m.transferred() for m in self.members)
+
+    def scalars(self) -> dict[str, float]:
+        return {f"reg/{m.name}/{k}": float(v) for m in self.members for k, v in m.scalars().items()}
 
     def describe(self) -> dict[str, Any]:
         return {m.name: m.describe() for m in self.members}

@@ -14,8 +14,9 @@ from mpbench.display import display, registry_labels
 from mpbench.errors import UsageError, did_you_mean
 from mpbench.evals import metric_info
 from mpbench.plan import NOT_IDENTITY, label_with
-from mpbench.record import select_runs
-from mpbench.results import load_runs, load_suite, metric_columns
+from mpbench.record import report_selection
+from mpbench.reference import attach as attach_reference, load as load_reference
+from mpbench.results import load_runs, metric_columns
 
 FORMATS = ("table", "latex", "markdown", "csv", "json")
 DASH = "–"
@@ -87,7 +88,7 @@ def _best(agg: pd.DataFrame, columns: list[str], metric: str) -> pd.Series:
     return means.eq(best) & means.notna()
 
 
-def _grouped(keys: list[tuple]) -> list[tuple]:
+def grouped(keys: list[tuple]) -> list[tuple]:
     """``keys`` stably sorted by the first appearance of each level's value, outer level first."""
     order = [{v: i for i, v in enumerate(dict.fromkeys(k[lvl] for k in keys))} for lvl in range(len(keys[0]))] \
         if keys else []
@@ -99,8 +100,8 @@ def _wide(agg: pd.DataFrame, field: str, metric: str) -> pd.DataFrame:
     the first dataset, then the next, when ``columns`` is [dataset, model])."""
     rows, columns = agg.attrs["rows"], agg.attrs["columns"]
     flat = agg.reset_index()
-    rkeys = _grouped(list(dict.fromkeys(map(tuple, flat[rows].itertuples(index=False)))))
-    ckeys = _grouped(list(dict.fromkeys(map(tuple, flat[columns].itertuples(index=False))))) if columns else \
+    rkeys = grouped(list(dict.fromkeys(map(tuple, flat[rows].itertuples(index=False)))))
+    ckeys = grouped(list(dict.fromkeys(map(tuple, flat[columns].itertuples(index=False))))) if columns else \
         [(label(metric),)]
     lookup = {(tuple(r[: len(rows)]), tuple(r[len(rows):-1]) if columns else (label(metric),)): r[-1]
               for r in flat[[*rows, *columns, field]].itertuples(index=False)}
@@ -127,14 +128,18 @@ def cell_text(mean: float, ci: float, n: int, expected: int, dec: int, *, pm: st
 
 
 def cells(agg: pd.DataFrame, metric: str, **kw: str) -> pd.DataFrame:
-    """Wide frame of formatted cell strings."""
-    parts = [_wide(agg, f, metric) for f in ("mean", "ci", "n", "n_expected")]
+    """Wide frame of formatted cell strings (with ``[+1.23]``, the difference to the paper, where one is given)."""
+    fields = ("mean", "ci", "n", "n_expected", "ref") if "ref" in agg.columns else ("mean", "ci", "n", "n_expected")
+    parts = [_wide(agg, f, metric) for f in fields]
     dec = metric_info(metric).decimals
     out = parts[0].copy()
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            mean, ci, n, exp = (float(p.iat[i, j]) for p in parts)
-            out.iat[i, j] = kw.get("dash", DASH) if math.isnan(exp) else cell_text(mean, ci, int(n), int(exp), dec, **kw)
+            mean, ci, n, exp, *ref = (float(p.iat[i, j]) for p in parts)
+            text = kw.get("dash", DASH) if math.isnan(exp) else cell_text(mean, ci, int(n), int(exp), dec, **kw)
+            if ref and not math.isnan(ref[0]) and not math.isnan(mean):
+                text += f" [{mean - ref[0]:+.{dec}f}]"
+            out.iat[i, j] = text
     return out
 
 
@@ -312,15 +317,10 @@ def _row_info(df: pd.DataFrame, rows: list[str], names: list[str]) -> dict[str, 
 
 def prepare_report(results_dir: Path, suite: str | None = None, rows: list[str] | None = None,
                    columns: list[str] | None = None, metric: str | None = None, only_last: bool = False,
-                   invocation: str | None = None) -> tuple[pd.DataFrame, dict[str, str], list[tuple[str, str]]]:
+                   invocation: str | None = None, reference: Path | None = None
+                   ) -> tuple[pd.DataFrame, dict[str, str], list[tuple[str, str]]]:
     """(aggregate, footer, skipped dirs) using the suite's ``report`` block for unset layout keys."""
-    run_ids, layout, covers = None, {}, None
-    if suite:
-        record = load_suite(results_dir, suite)
-        layout = record.get("report") or {}
-        run_ids, covers = select_runs(results_dir, record, only_last, invocation)
-    elif only_last or invocation:
-        raise UsageError("--only-last and --invocation need suite=NAME")
+    run_ids, layout, covers = report_selection(results_dir, suite, only_last, invocation)
     rows = list(rows or layout.get("rows") or ["regularizer"])
     columns = list(columns if columns is not None else layout.get("columns", ["model", "dataset"]))
     metric = metric or layout.get("metric") or "acc"
@@ -334,6 +334,12 @@ def prepare_report(results_dir: Path, suite: str | None = None, rows: list[str] 
     footer = make_footer(df, agg, metric, suite, skipped)
     if covers:
         footer["covers"] = covers
+    ref_file = reference or (Path(results_dir) / "paper" / f"{suite}.csv" if suite else None)
+    if ref_file is not None and (reference is not None or ref_file.is_file()):
+        ref = load_reference(ref_file)
+        n = attach_reference(agg, ref)
+        sources = sorted({src for _, src in ref.values()})
+        footer["reference"] = f"{ref_file}: [±x] = our mean - the paper's, {n} cell(s); from {'; '.join(sources)}"
     if varying:
         footer["rows split by"] = ", ".join(varying) + " (runs of a cell differ by seed only)"
     return agg, footer, skipped
@@ -341,9 +347,10 @@ def prepare_report(results_dir: Path, suite: str | None = None, rows: list[str] 
 
 def build_report(results_dir: Path, suite: str | None, fmt: str, rows: list[str] | None = None,
                  columns: list[str] | None = None, metric: str | None = None, only_last: bool = False,
-                 invocation: str | None = None) -> tuple[str, list[tuple[str, str]]]:
+                 invocation: str | None = None, reference: Path | None = None) -> tuple[str, list[tuple[str, str]]]:
     """Rendered report text and the unreadable run dirs that were skipped."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown report format {fmt!r}: {did_you_mean(fmt, FORMATS)}")
-    agg, footer, skipped = prepare_report(results_dir, suite, rows, columns, metric, only_last, invocation)
+    agg, footer, skipped = prepare_report(results_dir, suite, rows, columns, metric, only_last, invocation,
+                                          reference)
     return render(agg, fmt, metric=agg.attrs["metric"], footer=footer), skipped

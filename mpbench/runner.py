@@ -36,7 +36,8 @@ def is_transient(e: BaseException) -> bool:
 
 @dataclass
 class Execution:
-    """How to execute (not what): device, data location, W&B, progress, claim timing."""
+    """How to execute (not what): device, data location, W&B, progress, claim timing, and the execution options of
+    the training step (``options``: the suite's ``execution`` section, mpbench/execution.py)."""
 
     results: Path
     data_root: Path
@@ -49,6 +50,17 @@ class Execution:
     on_step: Callable[[str, int, int, float], None] | None = None
     hooks: RunHooks = field(default_factory=RunHooks)
     artifacts: dict[str, Path] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "Execution":
+        """The Execution a worker builds from its JSON args (``launchers.Request.worker_args`` plus ``device``)."""
+        return cls(results=Path(args["results"]), data_root=Path(args["data_root"]),
+                   device=torch.device(args.get("device") or "cpu"), threads=int(args.get("threads") or 0),
+                   suite=args.get("suite") or "", wandb=dict(args.get("wandb") or {"mode": "disabled"}),
+                   heartbeat_s=float(args.get("heartbeat_s", 30.0)),
+                   stale_after_s=float(args.get("stale_after_s", 300.0)),
+                   options=dict(args.get("execution") or {}))
 
 
 # Ctrl-C, `kill`/`timeout`/systemd/a cluster's stop, a closed terminal, preemption and Slurm's time-limit warning
@@ -211,15 +223,15 @@ def _hooks(rd: RunDir, kind: type[JobKind], spec: dict[str, Any], ex: Execution,
             last_status[0] = now
             rd.update_status(step=step, total=total)
 
-    def on_eval(row: dict[str, Any]) -> None:
+    def on_row(row: dict[str, Any]) -> None:
         history.append(row)
         rd.write_metrics(history)
         if sink:
             sink.log(row)
 
-    return RunHooks(on_step=on_step, on_eval=on_eval, should_stop=stop.flag.is_set,
+    return RunHooks(on_step=on_step, on_row=on_row, should_stop=stop.flag.is_set,
                     save_checkpoint=lambda s: save_tensors(rd.checkpoint, s), load_checkpoint=lambda: state,
-                    checkpoint_every=kind.checkpoint_every(spec))
+                    checkpoint_every=kind.checkpoint_every(spec), execution=dict(ex.options))
 
 
 def _record_failure(rd: RunDir, e: BaseException) -> None:
@@ -242,6 +254,11 @@ def _result(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], out: dict[str,
         "regularizers": out.get("regularizers", {}), "artifacts": spec.get("artifacts", {}),
         "attempts": attempts, "resumed": bool(state), "resumed_from_step": int(state["step"]) if state else None,
     }
+    # the execution options that ran, with each fallback and its reason (kinds without the Stepper: none applied)
+    if "execution" not in out:
+        from mpbench.execution import unused_record
+
+        result["execution"] = unused_record(ex.options, f"a {cfg['kind']} job does not train through the Stepper")
     result.update({k: v for k, v in out.items() if k not in result and k != "history"})
     return result
 
@@ -259,6 +276,8 @@ def _execute_claimed(rd: RunDir, cfg: dict[str, Any], ex: Execution) -> str:
             sink = _open_sink(rd, cfg, kind, ex)
             ex.hooks = _hooks(rd, kind, spec, ex, state, sink, stop)
             out = kind.execute(spec, rd, ex)
+            if sink:
+                sink.finish({k: v for k, v in out.get("final", {}).items() if isinstance(v, (int, float))})
         except Interrupted as e:
             step = checkpoint_step(rd)
             rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint",

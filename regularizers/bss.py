@@ -36,6 +36,7 @@ class BSS(Regularizer):
     citation = ("Chen et al., Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe "
                 "Transfer Learning, NeurIPS 2019")
     display = "BSS"
+    graph_safe = False      # penalty: bool(isfinite(...)) host syncs decide each step's value (nan_skips)
     hparams: ClassVar[dict[str, Hparam]] = {
         "eta": Hparam(0.001, "weight of the spectral penalty", at_least(0)),
         "k": Hparam(1, "number of smallest singular values penalised", at_least(1, integer=True)),

@@ -85,6 +85,7 @@ class DropBlock(Regularizer):
     citation = ("Ghiasi, Lin, Le. DropBlock: A regularization method for convolutional networks. NeurIPS 2018 "
                 "(arXiv 1810.12890).")
     display = "DropBlock"
+    graph_safe = False      # drop_prob: a Python float ramped in begin_step (a graph would freeze it)
     hparams = {
         "drop_prob": Hparam(0.1, "final drop probability of the ramp", between(0, 1, hi_open=True)),
         "block_size": Hparam(3, "side of the dropped square (clamped to the map)", at_least(1, integer=True)),
@@ -122,6 +123,9 @@ class DropBlock(Regularizer):
         p = self.current_drop_prob()
         for m in self.blocks:
             m.drop_prob = p
+
+    def scalars(self) -> dict[str, float]:
+        return {"drop_prob": self.current_drop_prob()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "drop_prob": self.current_drop_prob()}

@@ -47,6 +47,7 @@ class ManifoldMixup(Regularizer):
         "layers": Hparam([0, 1, 2], "eligible mixing layers: 0 = input, 1 / 2 = after stage 1 / 2", int_list(0, 2)),
     }
     mixes_batch = True
+    graph_safe = False      # layer int(randint), lam float(Beta sample): host syncs; the mixed layer varies
 
     def __init__(self, ctx: RunContext, **hp: Any):
         super().__init__(ctx, **hp)

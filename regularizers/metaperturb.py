@@ -151,6 +151,7 @@ class MetaPerturb(Regularizer):
     citation = ("Ryu, Shin, Lee, Hwang. MetaPerturb: Transferable Regularizer for Heterogeneous Tasks and "
                 "Architectures. NeurIPS 2020 (arXiv 2006.07540).")
     display = "MetaPerturb"
+    graph_safe = False      # noise coefficient c: a Python float annealed per step (a graph would freeze it)
     requires = ("metatrain",)
     hparams = {
         "phi": Hparam(None, "phi file or asset name (e.g. metaperturb_official); null = the run's metatrain artifact"),
@@ -233,6 +234,9 @@ class MetaPerturb(Regularizer):
     def begin_step(self, step: int) -> None:
         self.step = int(step)
         self._set_coeff()
+
+    def scalars(self) -> dict[str, float]:
+        return {"noise_coeff": self.noise_coeff()}
 
     # evaluation -------------------------------------------------------------------------------------------------
     @property

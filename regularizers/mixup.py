@@ -35,6 +35,7 @@ class TimmMixer(Regularizer):
     """
 
     mixes_batch = True
+    graph_safe = False      # lambda from numpy's RNG and float(probe target) each step; CutMix: box from it
     mixup_alpha_key: str | None = None
     cutmix_alpha_key: str | None = None
     last_lam: float = 1.0

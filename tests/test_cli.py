@@ -26,7 +26,9 @@ def test_run_report_status_and_idempotent_rerun(cli, make_suite, tmp_path):
     assert {"acc", "nll", "ece", "acc_det"} <= set(r["final"])
     assert r["eval_protocol"] == "deterministic"
     metrics = (results[0].parent / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(m)["step"] for m in metrics] == [3, 6]
+    rows = [json.loads(m) for m in metrics]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 7))
     mtimes = {p: p.stat().st_mtime_ns for p in results}
     code, _, err = cli("run", f"suite={suite}", "--results", res)     # rerun: nothing trains
     assert code == 0 and "0 trained, 4 already done" in err

@@ -83,3 +83,35 @@ def test_cfg_prints_the_resolved_suite(cli, make_suite):
 def test_debug_is_accepted_after_the_subcommand(cli, make_suite):
     code, _, err = cli("run", f"suite={make_suite()}", "train.stpes=2", "--debug")
     assert code == 2 and "did you mean 'train.steps'" in err and "Traceback" in err
+
+
+def test_a_reference_table_shows_differences_with_its_source(cli, make_suite, tmp_path):
+    res = tmp_path / "res"
+    assert cli("run", f"suite={_suite(make_suite)}", "--results", res, "grid.regularizer=[base,dropout]")[0] == 0
+    code, out, _ = cli("report", "suite=mine", "--results", res, "--format", "csv", "--only-last")
+    import csv
+    import io
+
+    ours = {r["regularizer"]: float(r["mean"]) for r in csv.DictReader(io.StringIO(out))}
+    (res / "paper").mkdir()
+    (res / "paper" / "mine.csv").write_text('row,column,value,source\n'
+                                            f'base,conv4/synthetic,{ours["base"] - 1.5},"test p. 1, Table 9"\n')
+    code, out, _ = cli("report", "suite=mine", "--results", res, "--format", "markdown", "--only-last")
+    assert code == 0 and "[+1.50]" in out and "test p. 1, Table 9" in out
+    assert out.count("[+") == 1                                   # dropout: no paper value, no difference
+    bad = tmp_path / "bad.csv"
+    bad.write_text("row,column,value,source\nbase,conv4/synthetic,71,\n")
+    code, _, err = cli("report", "suite=mine", "--results", res, "--reference", bad)
+    assert code == 2 and "line 2" in err and "source" in err
+
+
+def test_several_metrics_give_one_table_each(cli, make_suite, tmp_path):
+    res = tmp_path / "res"
+    assert cli("run", f"suite={make_suite()}", "--results", res)[0] == 0
+    code, out, _ = cli("report", "suite=tiny", "--results", res, "--format", "markdown", "--metric", "acc",
+                       "--metric", "nll", "--metric", "ece")
+    assert code == 0 and out.count("| regularizer") == 3
+    assert "metric: acc (%)" in out and "metric: nll (nats)" in out and "metric: ece (%)" in out
+    code, out, _ = cli("report", "suite=tiny", "--results", res, "--format", "csv", "metric=acc,nll")
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0].startswith("regularizer") and len(lines) == 3 and ",nll," in lines[2]

@@ -99,7 +99,8 @@ class Request:
         """What a worker process needs to execute a job (JSON-serialisable)."""
         return {"results": str(self.results), "data_root": str(self.data_root), "suite": self.plan.suite,
                 "wandb": OmegaConf.to_container(self.cfg.wandb), "force": self.force,
-                "heartbeat_s": self.launcher.heartbeat_s, "stale_after_s": self.launcher.stale_after_s}
+                "heartbeat_s": self.launcher.heartbeat_s, "stale_after_s": self.launcher.stale_after_s,
+                "execution": OmegaConf.to_container(self.cfg.execution) if "execution" in self.cfg else {}}
 
 
 def write_plan(req: Request) -> None:

@@ -72,6 +72,7 @@ def launch_local(req: Request, jobs: list[Job]) -> dict[str, str]:
             ex = Execution(results=req.results, data_root=req.data_root, device=resolve_device(req.launcher.devices),
                            threads=req.launcher.threads, suite=args["suite"], wandb=args["wandb"],
                            heartbeat_s=args["heartbeat_s"], stale_after_s=args["stale_after_s"],
+                           options=args["execution"],
                            on_step=(lambda rid, s, t, loss: prog.step(rid, s, t, loss)) if prog else None)
             if prog:
                 prog.started(job.id, job_steps(job), resume_from(req, job))

@@ -1,8 +1,12 @@
-"""Slurm launcher: every wave (stages, then runs) is ONE submitit job array, one element per run directory.
+"""Slurm launcher: every wave (stages, then runs) is ONE submitit job array, one element per
+``launcher.jobs_per_task`` run directories (default 1).
 
-Each element calls :class:`RunJob` (a ``submitit.helpers.Checkpointable``), which executes its run directory with
-``mpbench.worker.run_job``; the launcher polls ``sacct`` (through submitit) and the run directories' status files
-for progress, and maps each element to an outcome (done / failed / interrupted / busy).
+Each element calls :class:`RunJob` (a ``submitit.helpers.Checkpointable``), which executes its run directories in
+sequence in one process (torch and timm imported once; each job isolated as in a pool worker:
+``mpbench.worker.run_isolated``); the launcher polls ``sacct`` (through submitit) and the run directories' status
+files for progress, and maps each job to an outcome (done / failed / interrupted / busy). ``launcher.time_min`` is
+per element: with several jobs per element it must cover them, else the element times out, checkpoints and is
+requeued with the jobs it has not finished (below).
 
 Preemption, time limits and requeue
 -----------------------------------
@@ -35,6 +39,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -97,30 +102,50 @@ def sbatch_parameters(extra: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """One array element: execute one run directory; requeue itself after a USR2 (see the module docstring)."""
+    """One array element: execute its run directories (up to ``launcher.jobs_per_task``) in sequence in this one
+    process, each isolated from the others as in a pool worker (``mpbench.worker.run_isolated``); returns the
+    outcome per job id. A stop signal stops the running job at its next step (checkpointed) and starts no further
+    one; after a USR2 the element requeues itself with the jobs it did not finish (see the module docstring)."""
 
-    def __call__(self, args: dict[str, Any]) -> str:
-        from mpbench.worker import run_job
+    def __call__(self, args: dict[str, Any] | list[dict[str, Any]]) -> dict[str, str]:
+        from mpbench.runner import StopFlag
+        from mpbench.worker import DatasetCache, ProcessState, run_isolated, settle
 
-        self.outcome: str | None = None
+        chunk = [args] if isinstance(args, dict) else list(args)
+        self.outcomes: dict[str, str] = {}
         with _SignalLog() as signals:
-            self.outcome = run_job(args)
+            with StopFlag() as stop:            # between jobs too: a signal there starts no further job
+                state, cache = ProcessState.capture(), DatasetCache()
+                settle()
+                for job in chunk:
+                    if stop.flag.is_set():
+                        break
+                    self.outcomes[job["id"]] = run_isolated(job, state, cache)
         usr = SlurmJobEnvironment._usr_sig()
-        if self.outcome == "interrupted" and usr in signals.seen:
+        unfinished = len(self.outcomes) < len(chunk) or "interrupted" in self.outcomes.values()
+        if unfinished and usr in signals.seen:
             handler = signal.getsignal(usr)
             if isinstance(getattr(handler, "__self__", None), SignalHandler):
                 signal.raise_signal(usr)        # submitit: checkpoint() -> scontrol requeue -> sys.exit
-        return self.outcome
+        return dict(self.outcomes)
 
-    def checkpoint(self, args: dict[str, Any]) -> DelayedSubmission:
-        """Requeue the same run directory: the runner resumes it from its ``checkpoint.pt``. ``force`` is kept
-        only while the old result has not been reset yet, so a requeued --force run resumes instead of restarting."""
+    def checkpoint(self, args: dict[str, Any] | list[dict[str, Any]]) -> DelayedSubmission:
+        """Requeue the jobs of this element it did not finish: the runner resumes each from its ``checkpoint.pt``.
+        ``force`` is kept only while a job's old result has not been reset yet, so a requeued --force run resumes
+        instead of restarting."""
         from mpbench.store import RunDir
 
-        if args.get("force"):
-            old_result_kept = RunDir(Path(args["results"]), args["kind"], args["id"]).is_done
-            args = {**args, "force": old_result_kept and getattr(self, "outcome", None) is None}
-        return DelayedSubmission(self, args)
+        outcomes = getattr(self, "outcomes", {})
+        todo = []
+        for job in [args] if isinstance(args, dict) else list(args):
+            got = outcomes.get(job["id"])
+            if got not in (None, "interrupted"):
+                continue                        # finished in this attempt
+            if job.get("force"):
+                old_result_kept = RunDir(Path(job["results"]), job["kind"], job["id"]).is_done
+                job = {**job, "force": old_result_kept and got is None}
+            todo.append(job)
+        return DelayedSubmission(self, todo)
 
 
 class _SignalLog:
@@ -178,7 +203,7 @@ def _executor(req: Request, folder: Path, named: dict[str, Any], additional: dic
 def validate_slurm(launcher: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check the launcher.* settings and that Slurm is reachable, before anything is written or submitted."""
     for key, low in (("time_min", 1), ("cpus_per_task", 1), ("array_parallelism", 1), ("mem_gb", 0),
-                     ("gpus_per_task", 0)):
+                     ("gpus_per_task", 0), ("jobs_per_task", 1)):
         if launcher[key] is None or launcher[key] < low:
             raise UsageError(f"launcher.{key} must be >= {low}, got {launcher[key]}")
     extra = OmegaConf.to_container(launcher.sbatch, resolve=True) if launcher.sbatch else {}
@@ -200,9 +225,12 @@ def launch_slurm(req: Request, jobs: list[Job]) -> dict[str, str]:
     threads = int(req.launcher.threads or req.launcher.cpus_per_task)
     args = [{**base, "kind": j.kind, "id": j.id, "threads": threads,
              "device": "cuda:0" if gpu else "cpu"} for j in jobs]
+    per = int(req.launcher.jobs_per_task)
+    chunks = [args[i:i + per] for i in range(0, len(args), per)]
     try:
         with contextlib.redirect_stderr(io.StringIO()):     # submitit echoes sbatch's stderr: one line instead
-            sjobs = ex.map_array(RunJob(), args)
+            elements = ex.map_array(RunJob(), chunks)
+        sjobs = [sjob for sjob, chunk in zip(elements, chunks) for _ in chunk]    # each job's element
     except (FailedJobError, FailedSubmissionError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [""]
         why = lines[0].replace("sbatch: error: ", "")
@@ -229,11 +257,18 @@ def _result(sjob: SlurmJob) -> tuple[str, Any] | None:
 
 
 def _outcome(rd: RunDir, sjob: SlurmJob, state: str, mine: bool, terminal_s: float, grace_s: float) -> str | None:
-    """The element's outcome once it is finished (recording why in status.json if it died silently), else None."""
+    """The outcome of the job in ``rd`` once its element is finished (recording why in status.json if it died
+    silently), else None. An element's result maps job ids to outcomes; a job it did not start (stopped first, or
+    finished by an earlier attempt of a requeued element) has none."""
     terminal = state in TERMINAL
     res = _result(sjob)
-    if res is not None and res[0] == "success" and (res[1] != "interrupted" or terminal):
-        return "done" if rd.is_done else str(res[1])
+    if res is not None and res[0] == "success":
+        value = res[1].get(rd.id) if isinstance(res[1], dict) else res[1]
+        if value is None:
+            value = "done" if rd.is_done else "interrupted"
+        if value != "interrupted" or terminal:
+            return "done" if rd.is_done else str(value)
+        return None
     if res is not None and res[0] == "error":
         error = [ln for ln in str(res[1]).strip().splitlines() if ln.strip()] or ["?"]
         why, transient = f"slurm job {sjob.job_id}: {error[-1].strip()}", False
@@ -260,6 +295,8 @@ def _wait(req: Request, jobs: list[Job], sjobs: list[SlurmJob], poll_s: float = 
     for s in sjobs:
         watcher.register_job(str(s.job_id))
     todo = dict(zip((j.id for j in jobs), zip(jobs, sjobs)))
+    per_element = Counter(str(s.job_id) for s in sjobs)
+    shared = {k for k, n in per_element.items() if n > 1}      # elements with several jobs
     started: set[str] = set()
     terminal_since: dict[str, float] = {}
     outcomes: dict[str, str] = {}
@@ -282,7 +319,12 @@ def _wait(req: Request, jobs: list[Job], sjobs: list[SlurmJob], poll_s: float = 
                 terminal_since.setdefault(jid, time.time())
             else:
                 terminal_since.pop(jid, None)
-            outcome = _outcome(rd, sjob, state, mine, time.time() - terminal_since.get(jid, time.time()), grace_s)
+            outcome: str | None
+            if str(sjob.job_id) in shared and mine and rd.is_done and st.get("state") == "done":
+                outcome = "done"                    # finished while its element runs the next job
+            else:
+                outcome = _outcome(rd, sjob, state, mine, time.time() - terminal_since.get(jid, time.time()),
+                                   grace_s)
             if outcome is None:
                 continue
             del todo[jid]

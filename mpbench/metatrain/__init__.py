@@ -99,11 +99,11 @@ def metatrain(spec: dict[str, Any], data_root: Path, device: torch.device, hooks
             if hooks.on_step:
                 hooks.on_step(r * steps + step, runs * steps, valid_loss)
             if step % log_every == 0 or step == steps:
-                row = {"step": r * steps + step, "run": r, "meta_step": step, "loss": valid_loss,
+                row = {"split": "train", "step": r * steps + step, "run": r, "meta_step": step, "loss": valid_loss,
                        "train_loss": train_loss, "time_s": train_time + time.perf_counter() - tic}
                 history.append(row)
-                if hooks.on_eval:
-                    hooks.on_eval(row)
+                if hooks.on_row:
+                    hooks.on_row(row)
 
         if world == 1:
             trainer = MetaTrainer(spec, tasks, run_seed, device, state=resume)
