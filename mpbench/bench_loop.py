@@ -113,7 +113,11 @@ def sync_device(device: torch.device) -> None:
 
 def probe_step(setup: Setup, spec: dict[str, Any], device: torch.device):
     """One step exactly as train_loop takes it (Stepper + the loop's per-step loss read-out)."""
-    stepper = Stepper(setup, spec, device)
+    return timed_step(Stepper(setup, spec, device), device)
+
+
+def timed_step(stepper: Stepper, device: torch.device):
+    """A call that takes ``stepper``'s next step, reads the loss out (one host sync, as train_loop) and waits."""
     count = iter(range(10 ** 9))
 
     def step() -> None:

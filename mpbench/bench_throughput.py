@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mpbench.bench_loop import interleaved_medians, probe_setup, sync_device
+from mpbench.bench_loop import interleaved_medians, probe_setup, timed_step
 from mpbench.errors import UsageError
 from mpbench.execution import GRAPH_WARMUP
 from mpbench.malloc import tune_for_training
@@ -92,7 +92,7 @@ def bench_throughput(model: str = "resnet20", method: str = "base", batch: int =
                 rows[name]["note"] = "n/a (" + "; ".join(f"{k}: {v}" for k, v in st.execution.fallbacks.items()) + ")"
                 continue
             steppers[name] = st
-            fns[name] = _timed_step(st, dev)
+            fns[name] = timed_step(st, dev)
         med, cpu = interleaved_medians(fns, warmup, steps)
     base = med.get("eager")
     for name, st in steppers.items():
@@ -114,17 +114,6 @@ def bench_throughput(model: str = "resnet20", method: str = "base", batch: int =
               f"step by step in one process; ms/step includes the loss read-out (one host sync per step, as "
               f"train_loop); cpu ms/step: this process's CPU time per step (all its threads)"]
     return {"header": header, "rows": list(rows.values())}
-
-
-def _timed_step(st: Any, dev: torch.device):
-    count = iter(range(10 ** 9))
-
-    def step() -> None:
-        total, _, _ = st.step(next(count))
-        float(total)
-        sync_device(dev)
-
-    return step
 
 
 def format_table(result: dict[str, Any]) -> str:
