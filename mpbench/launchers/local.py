@@ -65,15 +65,13 @@ def launch_local(req: Request, jobs: list[Job]) -> dict[str, str]:
     args = req.worker_args()
     outcomes: dict[str, str] = {}
     prog = req.progress
+    args = {**args, "device": str(resolve_device(req.launcher.devices)), "threads": req.launcher.threads}
     with StopFlag() as stop:                       # shared with each run's own flag: a signal stops the suite
         for job in jobs:
             if stop.flag.is_set():
                 break
-            ex = Execution(results=req.results, data_root=req.data_root, device=resolve_device(req.launcher.devices),
-                           threads=req.launcher.threads, suite=args["suite"], wandb=args["wandb"],
-                           heartbeat_s=args["heartbeat_s"], stale_after_s=args["stale_after_s"],
-                           options=args["execution"],
-                           on_step=(lambda rid, s, t, loss: prog.step(rid, s, t, loss)) if prog else None)
+            ex = Execution.from_args(args)         # a fresh one per job: the runner fills in its hooks
+            ex.on_step = (lambda rid, s, t, loss: prog.step(rid, s, t, loss)) if prog else None
             if prog:
                 prog.started(job.id, job_steps(job), resume_from(req, job))
             outcome = execute(req.results, job.kind, job.id, ex, force=req.force)
