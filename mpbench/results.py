@@ -181,15 +181,22 @@ def load_runs(results_dir: Path, run_ids: list[str] | None = None
     return df, skipped
 
 
+def read_record(path: Path, name: str) -> dict:
+    """A suite record file, checked (``runs`` and ``artifacts`` lists); a one-line usage error when unusable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"suite record {path} is unreadable ({one_line(e, 200)}): rerun `mpbench run suite={name}` "
+                         f"to rewrite it") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, []), list) for k in ("runs", "artifacts")):
+        raise UsageError(f"suite record {path} is malformed: rerun `mpbench run suite={name}` to rewrite it")
+    data.setdefault("name", name)
+    return data
+
+
 def load_suite(results_dir: Path, name: str) -> dict:
     """The suite record ``results/suites/<name>.json`` written by ``mpbench run``."""
     path = Path(results_dir) / "suites" / f"{name}.json"
     if not path.exists():
         raise UsageError(f"no results for suite {name}: run `mpbench run suite={name}` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"suite record {path} is unreadable ({one_line(e, 200)}): rerun `mpbench run suite={name}`")
-    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
-        raise UsageError(f"suite record {path} is malformed: rerun `mpbench run suite={name}`")
-    return data
+    return read_record(path, name)

@@ -22,23 +22,12 @@ from rich.table import Table
 from mpbench.claim import HOST, holder_gone, read_claim
 from mpbench.config import suite_name
 from mpbench.errors import UsageError, did_you_mean
-from mpbench.store import STATES, RunDir, read_json
+from mpbench.results import read_record
+from mpbench.store import STATES, RunDir
 
 SUMMARY_ORDER = ("done", "running", "failed", "pending")
 DISPLAY_ORDER = ("done", "running", "interrupted", "failed", "pending")
 STALE_AFTER_S = 300.0        # launcher.stale_after_s's default, for claims that do not record their own
-
-
-def _read_record(path: Path, name: str) -> dict[str, Any]:
-    try:
-        data = read_json(path)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"suite record {path} is unreadable ({type(e).__name__}): "
-                         f"rerun `mpbench run suite={name}` to rewrite it") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k, []), list) for k in ("runs", "artifacts")):
-        raise UsageError(f"suite record {path} is malformed: rerun `mpbench run suite={name}` to rewrite it")
-    data.setdefault("name", name)
-    return data
 
 
 def _suites(results: Path, suite: str | None, warn: Console) -> list[dict]:
@@ -52,13 +41,13 @@ def _suites(results: Path, suite: str | None, warn: Console) -> list[dict]:
             hint = f" ({hint})" if hint.startswith("did you mean") else ""
             raise UsageError(f"no results for suite {name!r} in {results}{hint}: "
                              f"run `mpbench run suite={suite}` first or pass --results DIR")
-        return [_read_record(path, name)]
+        return [read_record(path, name)]
     if not sdir.is_dir():
         raise UsageError(f"no results in {results}: run `mpbench run suite=NAME` first or pass --results DIR")
     out = []
     for p in sorted(sdir.glob("*.json")):
         try:
-            out.append(_read_record(p, p.stem))
+            out.append(read_record(p, p.stem))
         except UsageError as e:                    # one broken record does not hide the other suites
             warn.print(f"skipped: {e}", highlight=False, markup=False, soft_wrap=True)
     return out

@@ -19,9 +19,9 @@ def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     except (OSError, UnicodeDecodeError):
         return [], []
-    for line in lines:
+    for text in lines:
         try:
-            row = json.loads(line)
+            row = json.loads(text)
         except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
