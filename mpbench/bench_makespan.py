@@ -2,12 +2,14 @@
 
 A fixed synthetic suite (``runs`` equal runs: base, Conv-4 width 8, ``synthetic``, ``steps`` steps of batch 32, final
 evaluation only, one seed each) runs with the pool launcher on ``slots`` CPU slots in a fresh results dir, driven
-from this process (``launchers.run_plan``, as ``mpbench run`` does after planning). Measured end to end: the
-makespan (from ``run_plan``'s call, so including the workers' start-up, to its return), the sum of the runs'
-in-process wall times (``result.json`` ``wall_time_s``), ideal = sum / slots, and ratio = makespan / ideal (1.00x:
-no slot ever idle; the workers' start-up and the hand-over between jobs are what is above it; "ratio after
-start-up" leaves the one-time start-up out). ``per_job_process``
-measures the launcher as it was before persistent workers: a fresh worker process (imports included) per job.
+from this process as ``mpbench run`` drives it after planning (``launchers.warm_up``, then ``launchers.run_plan``;
+the workers are forked from this process where ``mpbench.fork`` allows it, i.e. when torch was not imported before
+the bench started). Measured end to end: the makespan (from ``warm_up``'s call, so including the workers'
+start-up, to ``run_plan``'s return), the sum of the runs' in-process wall times (``result.json`` ``wall_time_s``),
+ideal = sum / slots, and ratio = makespan / ideal (1.00x: no slot ever idle; the workers' start-up and the
+hand-over between jobs are what is above it; "ratio after start-up" leaves the one-time start-up out).
+``per_job_process`` measures the launcher as it was before persistent workers: a fresh ``python -m mpbench.worker``
+(imports included) per job.
 The machine's load average before and after is printed too: on a shared machine, compare runs taken alike.
 """
 from __future__ import annotations
@@ -42,11 +44,14 @@ def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, thr
 
     ``threads`` per slot (default: cores / slots, at least 1); ``keep``: results dir to keep (default: a temporary
     one, removed afterwards)."""
+    from mpbench.fork import pin_driver
+
+    pin_driver()                                  # as `mpbench run` does: its workers can be forked from it
     import yaml
 
     import mpbench.launchers.pool as pool
     from mpbench.config import load_suite
-    from mpbench.launchers import Request, run_plan
+    from mpbench.launchers import Request, run_plan, warm_up
     from mpbench.plan import expand
     from mpbench.store import prepare_results_dir
 
@@ -67,12 +72,15 @@ def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, thr
         pool.JOBS_PER_WORKER = 1 if per_job_process else 0
         try:
             t0 = time.time()
+            warm_up(req)
             outcomes = run_plan(req)
             makespan = time.time() - t0
             del req                                       # closes the pool's workers (not timed)
         finally:
             pool.JOBS_PER_WORKER = old
         load_after = os.getloadavg()
+        logs = "".join(f.read_text() for f in (res / "pool").glob("slot*.log"))
+        forked = logs.count("worker forked from the driver")
         walls, starts, pids = [], [], set()
         for d in sorted((res / "runs").iterdir()):
             result = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else {}
@@ -95,7 +103,7 @@ def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, thr
                        "max": max(walls, default=None)},
         "first_start_s": min(starts) - t0 if starts else None,
         "ratio_after_startup": (makespan - (min(starts) - t0)) / ideal if starts and ideal else float("nan"),
-        "worker_processes": len(pids - {None}),
+        "worker_processes": len(pids - {None}), "forked": forked,
         "load_before": load_before, "load_after": load_after, "cores": os.cpu_count(),
     }
     if verbose:
@@ -112,14 +120,14 @@ def format_table(r: dict[str, Any]) -> str:
     rows = [
         ("settings", f"{r['runs']} runs x {r['steps']} steps (base, conv4 width 8, synthetic, batch 32), "
                      f"pool launcher, {r['slots']} cpu slots x {r['threads']} thread(s)"),
-        ("mode", f"{r['mode']} ({r['worker_processes']} worker processes)"),
+        ("mode", f"{r['mode']} ({r['worker_processes']} worker processes, {r['forked']} forked from the driver)"),
         ("runs done", f"{r['done']}/{r['runs']}"),
         ("makespan", f"{r['makespan_s']:.1f} s"),
         ("sum of wall_time_s", f"{r['sum_wall_s']:.1f} s (per run mean {w['mean'] or 0:.2f} s, "
                                f"min {w['min'] or 0:.2f}, max {w['max'] or 0:.2f})"),
         ("ideal = sum / slots", f"{r['ideal_s']:.1f} s"),
         ("ratio", f"{r['ratio']:.3f}x"),
-        ("first job started", f"{r['first_start_s']:.1f} s after launch (worker start-up: imports)"
+        ("first job started", f"{r['first_start_s']:.1f} s after launch (worker start-up)"
                               if r["first_start_s"] is not None else "-"),
         ("ratio after start-up", f"{r['ratio_after_startup']:.3f}x ((makespan - first start) / ideal)"),
         ("load average", f"{load(r['load_before'])} before, {load(r['load_after'])} after ({r['cores']} cores)"),

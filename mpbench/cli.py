@@ -76,8 +76,11 @@ def run(overrides: tuple[str, ...], dry_run: bool, estimate: bool, show_cfg: boo
     Exit codes: 0 every job done, 1 some job failed (the summary says which and how to retry),
     2 usage or preflight error (nothing was written), 130 interrupted (rerun to resume).
     """
+    from mpbench.fork import pin_driver
+
+    pin_driver()                                   # before anything imports torch: pool workers can be forked from us
     from mpbench.config import load_suite, parse_overrides
-    from mpbench.launchers import Request, run_plan
+    from mpbench.launchers import Request, run_plan, warm_up
     from mpbench.plan import expand
     from mpbench.preflight import preflight
     from mpbench.progress import SuiteProgress
@@ -99,9 +102,11 @@ def run(overrides: tuple[str, ...], dry_run: bool, estimate: bool, show_cfg: boo
         return
     defined = expand(load_suite(suite, []), data_root, problems=[]) if rest else None   # for the suite's record
     res = prepare_results_dir(res)
+    req = Request(plan, cfg, res, data_root, force=force, fail_fast=fail_fast, retry_failed=retry_failed,
+                  overrides=rest, defined=defined)
+    warm_up(req)                                   # e.g. the pool's workers, before the display's thread starts
     with SuiteProgress(len(plan.jobs), plan.suite, console=err_console) as prog:
-        req = Request(plan, cfg, res, data_root, force=force, fail_fast=fail_fast, retry_failed=retry_failed,
-                      progress=prog, overrides=rest, defined=defined)
+        req.progress = prog
         outcomes = run_plan(req)
     err_console.print(prog.summary(), highlight=False)
     failed = [k for k, v in outcomes.items() if v == "failed"]

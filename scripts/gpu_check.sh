@@ -3,7 +3,8 @@
 #   1. the CUDA tests (the tests that skip without CUDA: -k "cuda or gpu"), incl. tests/test_execution.py's
 #   2. `mpbench bench throughput --device cuda` for ResNet-20 with base and with metaperturb (execution options)
 #   3. `mpbench bench metaperturb --device cuda` (MetaPerturb's step-time ratio, fast vs reference)
-#   4. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on
+#   4. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
+#      its pool workers forked from the driver (MPBENCH_WORKER_START=fork: mpbench.fork)
 # Writes $OUT (default ./gpu_check_out): gpu_check.log (everything), one log per step, summary.json (each step's
 # exit code and seconds, the GPU, each quickstart run's execution record). Exit code: 0 all passed (or no GPU
 # here: nothing to check, said clearly), 1 some step failed or ran out of time.
@@ -46,8 +47,10 @@ for r in sorted((out / "results").glob("runs/*/result.json")):
         continue
     runs.append({"run": r.parent.name, "acc": res.get("final", {}).get("acc"), "device": res.get("device"),
                  "images_per_s": res.get("images_per_s"), "execution": res.get("execution")})
-json.dump({"status": status, "gpu": gpu, "steps": steps, "quickstart_runs": runs}, open(out / "summary.json", "w"),
-          indent=2)
+starts = [line for f in sorted((out / "results" / "pool").glob("slot*.log")) for line in f.read_text().splitlines()
+          if " slot " in line and "worker" in line]
+json.dump({"status": status, "gpu": gpu, "steps": steps, "quickstart_runs": runs, "worker_starts": starts},
+          open(out / "summary.json", "w"), indent=2)
 EOF
 }
 
@@ -95,7 +98,7 @@ step throughput_metaperturb 70 "${MP[@]}" bench throughput --device cuda --model
   --variant channels_last --variant cudnn_benchmark --variant fused_adam --variant autocast=bf16 --variant cuda_graph \
   --variant channels_last+fused_adam+bf16
 step bench_metaperturb 45 "${MP[@]}" bench metaperturb --device cuda --impl fast --impl reference --steps 30
-step quickstart 90 "${MP[@]}" run suite=quickstart --results "$OUT/results" launcher.devices=auto launcher.slots=2 \
+step quickstart 90 env MPBENCH_WORKER_START=fork "${MP[@]}" run suite=quickstart --results "$OUT/results" launcher.devices=auto launcher.slots=2 \
   grid.seed=[0] train.steps=30 train.eval_every=0 stages.pretrain.train.steps=30 stages.metatrain.steps=4 \
   reg.metaperturb.final_eval_passes=3 execution.channels_last=true execution.fused_adam=true \
   execution.cudnn_benchmark=true execution.cuda_graph=true

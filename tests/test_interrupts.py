@@ -69,12 +69,15 @@ def _lock_pids(res: Path) -> set[int]:
 
 
 def _worker_children(pid: int) -> set[int]:
-    """Live `mpbench.worker` processes whose parent is ``pid`` (from /proc)."""
+    """Live pool workers whose parent is ``pid`` (from /proc): `python -m mpbench.worker` processes, and workers
+    forked from the driver (named ``mpbench-worker``)."""
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"mpbench.worker" in (stat.parent / "cmdline").read_bytes():
+            text = stat.read_text()
+            ppid = int(text.rsplit(")", 1)[1].split()[1])
+            forked = "(mpbench-worker)" in text
+            if ppid == pid and (forked or b"mpbench.worker" in (stat.parent / "cmdline").read_bytes()):
                 found.add(int(stat.parent.name))
         except (OSError, ValueError, IndexError):
             continue

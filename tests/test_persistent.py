@@ -226,5 +226,5 @@ def test_bench_makespan_prints_its_table(cli):
     code, out, err = cli("bench", "makespan", "--runs", "2", "--slots", "2", "--steps", "4", "--threads", "1")
     assert code == 0, err
     for row in ("makespan", "sum of wall_time_s", "ideal = sum / slots", "ratio", "2 runs x 4 steps",
-                "persistent workers (2 worker processes)", "runs done  2/2"):
+                "persistent workers (2 worker processes", "runs done  2/2"):
         assert row in out, out

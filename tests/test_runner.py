@@ -107,3 +107,29 @@ def test_failed_stage_fails_its_dependants_with_reason(make_suite, tmp_path):
     assert set(outcomes.values()) == {"failed"}
     run = next(res.glob("runs/*"))
     assert "stage pretrain" in json.loads((run / "status.json").read_text())["error"]
+
+
+def test_runs_without_a_stage_share_the_first_wave_with_the_stages(make_suite, tmp_path):
+    """base and dropout need no stage: they train while the pretrain stage does (no idle slot), finetune waits for
+    it; once the stage is done, a rerun puts everything in one wave."""
+    from mpbench.launchers import waves
+
+    suite = make_suite(grid={"regularizer": ["base", "finetune", "dropout"]},
+                       stages={"pretrain": {"dataset": "synthetic", "train": {"steps": 2, "batch_size": 32}}})
+    cfg = load_suite(str(suite), [])
+    req = Request(expand(cfg), cfg, prepare_results_dir(tmp_path / "res"), tmp_path / "data")
+    first, second = waves(req)
+
+    def name(job) -> str:
+        return job.kind if job.kind != "run" else "+".join(job.spec["regularizer"])
+
+    assert name(first[0]) == "pretrain" and sorted(map(name, first[1:])) == ["base", "dropout"]
+    assert list(map(name, second)) == ["finetune"]
+    outcomes = run_plan(req)
+    assert set(outcomes.values()) == {"done"}
+    started = {name(j): json.loads((j.dir(req.results).path / "status.json").read_text())["started"]
+               for j in req.plan.jobs}
+    assert started["pretrain"] < started["base"] < started["finetune"]      # the local launcher: in wave order
+    assert started["dropout"] < started["finetune"]
+    again = Request(expand(cfg), cfg, req.results, tmp_path / "data")
+    assert waves(again)[1] == [] and len(waves(again)[0]) == 4

@@ -28,10 +28,19 @@ def _load() -> None:
 LAUNCHERS: Registry[Callable[["Request", list[Job]], dict[str, str]]] = Registry("launcher", loader=_load)
 
 
-def register_launcher(name: str, description: str = "", validate: Callable[[DictConfig], None] | None = None
-                      ) -> Callable:
-    """``validate(launcher_cfg)`` raises UsageError for bad settings before anything is written or submitted."""
-    return LAUNCHERS.register(name, description=description, validate=validate)
+def register_launcher(name: str, description: str = "", validate: Callable[[DictConfig], None] | None = None,
+                      warm_up: Callable[["Request"], None] | None = None) -> Callable:
+    """``validate(launcher_cfg)`` raises UsageError for bad settings before anything is written or submitted;
+    ``warm_up(request)`` starts what the launcher needs before the first wave (:func:`warm_up`)."""
+    return LAUNCHERS.register(name, description=description, validate=validate, warm_up=warm_up)
+
+
+def warm_up(req: "Request") -> None:
+    """Called once per invocation before :func:`run_plan`, before the progress display starts (the driver runs no
+    other thread yet): the launcher's ``warm_up``, e.g. the pool's workers, forked from this process."""
+    hook = LAUNCHERS.entry(req.launcher.name).extra.get("warm_up")
+    if hook is not None:
+        hook(req)
 
 
 def visible_gpus() -> list[str]:
@@ -132,12 +141,22 @@ def needs_work(job: Job, req: Request) -> bool:
     return True
 
 
+def waves(req: Request) -> tuple[list[Job], list[Job]]:
+    """The first wave: the stages, then every run that needs no stage or only finished ones (so no slot idles
+    while a stage trains); the second: the runs that wait for a stage of the first."""
+    done = {j.id for j in req.plan.artifacts if j.dir(req.results).is_done and not req.force}
+    ready = [j for j in req.plan.runs if set(j.deps) <= done]
+    waiting = [j for j in req.plan.runs if not set(j.deps) <= done]
+    return [*req.plan.artifacts, *ready], waiting
+
+
 def run_plan(req: Request) -> dict[str, str]:
-    """Stages first, then runs; every wave goes to the configured launcher. Returns outcome per job id."""
+    """Two waves (:func:`waves`), each to the configured launcher. Returns outcome per job id."""
     write_plan(req)
     launch = LAUNCHERS.get(req.launcher.name)
     failed_artifacts: set[str] = set()
-    for wave in (req.plan.artifacts, req.plan.runs):
+    first, second = waves(req)
+    for wave in (first, second):
         todo = []
         for job in wave:
             bad = [d for d in job.deps if d in failed_artifacts]
@@ -162,9 +181,10 @@ def run_plan(req: Request) -> dict[str, str]:
                 return req.outcomes
             todo = [j for j in todo if outcomes.get(j.id) == "failed" and j.dir(req.results).status().get("transient")]
             req.force = False
-        if wave is req.plan.artifacts:
-            wait_for_others([j for j in wave if req.outcomes.get(j.id) == "busy"], req, launch)
-        failed_artifacts |= {j.id for j in wave if req.outcomes.get(j.id) == "failed"}
+        if wave is first:
+            stages = req.plan.artifacts
+            wait_for_others([j for j in stages if req.outcomes.get(j.id) == "busy"], req, launch)
+            failed_artifacts |= {j.id for j in stages if req.outcomes.get(j.id) == "failed"}
     return req.outcomes
 
 

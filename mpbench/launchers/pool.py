@@ -1,7 +1,8 @@
 """Local worker processes: ``launcher.devices`` (cpu, auto, or GPU ids) x ``launcher.slots`` per device.
 
-Each slot is ONE persistent worker process (``python -m mpbench.worker --serve``) that imports torch and timm once
-and then runs job after job: the driver writes each job as a JSON line to the worker's stdin and reads its outcome
+Each slot is ONE persistent worker process that runs job after job: forked from the driver before the first wave
+where that is safe (:mod:`mpbench.fork`: no start-up at all), else ``python -m mpbench.worker --serve``, which
+imports torch and timm once; the driver writes each job as a JSON line to the worker's stdin and reads its outcome
 from a pipe of its own (protocol: ``mpbench.worker``), so a slot is never idle while a job waits. A worker gets its
 own ``CUDA_VISIBLE_DEVICES`` and thread count (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``), runs in its own session (so
 a terminal's Ctrl-C reaches only this driver), writes each job's output to ``stdout.log`` in its run directory
@@ -34,7 +35,8 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpbench.launchers import Request, device_slots, job_steps, outcome_detail, register_launcher
+from mpbench.launchers import Request, device_slots, job_steps, needs_work, outcome_detail, register_launcher
+from mpbench import fork
 from mpbench.launchers.local import resume_from, stop_summary, stopped_detail
 from mpbench.plan import Job
 from mpbench.runner import StopFlag, Stopped, signal_name
@@ -67,7 +69,7 @@ class _Worker:
     """One slot's process, the read end of its outcome pipe, and the job it runs (None: idle)."""
 
     slot: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen | fork.ForkedProcess
     fd: int
     job: Job | None = None
     served: int = 0
@@ -120,21 +122,32 @@ class _Pool:
         self.workers: dict[int, _Worker] = {}
 
     def spawn(self, slot: int) -> _Worker:
+        """Start slot ``slot``'s worker: forked from this driver where that is safe (``mpbench.fork``),
+        else a fresh ``python -m mpbench.worker --serve``; its slot log says which, and why."""
         gpu = self.slots[slot]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    CUDA_VISIBLE_DEVICES=gpu if gpu is not None else "")
+        why_not_fork = "a fresh process per job" if JOBS_PER_WORKER == 1 else fork.unavailable(gpu is not None)
         log_path = self.results / "pool" / f"slot{slot}.log"
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "ab")
         except OSError:
             log = open(os.devnull, "ab")
+        log.write((f"{time.strftime('%Y-%m-%d %H:%M:%S')} slot {slot}: " +
+                   ("worker forked from the driver\n" if why_not_fork is None else
+                    f"worker started as python -m mpbench.worker (not forked: {why_not_fork})\n")).encode())
+        log.flush()
         r, w = os.pipe()
         try:
             args = {"parent": os.getpid(), "outcome_fd": w}
-            proc = subprocess.Popen([sys.executable, "-m", "mpbench.worker", "--serve", json.dumps(args)], env=env,
-                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
-                                    start_new_session=True)
+            if why_not_fork is None:
+                proc: subprocess.Popen | fork.ForkedProcess = fork.fork_worker(
+                    args, env, self.threads, log.fileno(), [r, *self._driver_fds()])
+            else:
+                proc = subprocess.Popen([sys.executable, "-m", "mpbench.worker", "--serve", json.dumps(args)],
+                                        env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                        pass_fds=(w,), start_new_session=True)
         except BaseException:
             os.close(r)
             raise
@@ -145,6 +158,21 @@ class _Pool:
         worker = _Worker(slot, proc, r)
         self.workers[slot] = worker
         return worker
+
+    def _driver_fds(self) -> list[int]:
+        """This driver's ends of the other workers' pipes (a forked worker closes them)."""
+        fds = []
+        for w in self.workers.values():
+            fds.append(w.fd)
+            with contextlib.suppress(ValueError, AttributeError):
+                fds.append(w.proc.stdin.fileno())
+        return [fd for fd in fds if fd >= 0]
+
+    def start(self, n: int) -> None:
+        """Start the first ``n`` slots' workers now (they import, or are forked, before the first job)."""
+        for slot in range(min(n, len(self.slots))):
+            if slot not in self.workers:
+                self.spawn(slot)
 
     def free_slot(self) -> int | None:
         """A slot for the next job: an idle live worker's first, else one without a worker."""
@@ -209,11 +237,29 @@ def _discard(pool: _Pool, sig: int | None = None) -> None:
         _POOL.clear()
 
 
-@register_launcher("pool", "local worker processes, launcher.slots per device (cpu or GPU ids)",
-                   validate=lambda launcher: device_slots(launcher.devices, launcher.slots) and None)
-def launch_pool(req: Request, jobs: list[Job]) -> dict[str, str]:
+def _layout(req: Request) -> tuple[list[str | None], int]:
+    """The slots (a GPU id or None each) and the threads of each worker."""
     slots = device_slots(req.launcher.devices, req.launcher.slots)
-    threads = req.launcher.threads or max(1, (os.cpu_count() or 1) // len(slots))
+    return slots, int(req.launcher.threads or max(1, (os.cpu_count() or 1) // len(slots)))
+
+
+def warm_up(req: Request) -> None:
+    """Start as many workers as there are jobs to run (at most one per slot) before the first wave, while the
+    driver runs no other thread, so they can be forked from it (``mpbench.fork``)."""
+    todo = sum(1 for job in req.plan.jobs if needs_work(job, req))
+    if not todo:
+        return
+    slots, threads = _layout(req)
+    if any(fork.unavailable(gpu is not None) is None for gpu in slots):
+        fork.preload()
+    _pool_for(req, slots, threads).start(todo)
+
+
+@register_launcher("pool", "local worker processes, launcher.slots per device (cpu or GPU ids)",
+                   validate=lambda launcher: device_slots(launcher.devices, launcher.slots) and None,
+                   warm_up=warm_up)
+def launch_pool(req: Request, jobs: list[Job]) -> dict[str, str]:
+    slots, threads = _layout(req)
     pool = _pool_for(req, slots, threads)
     base = req.worker_args()
     grace_s = float(req.launcher.stale_after_s)
