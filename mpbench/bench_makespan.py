@@ -26,24 +26,25 @@ from typing import Any
 DEFAULT_STEPS = 800      # about 4-5 s a run in-process on one core of the 2-core CI machine (idle)
 
 
-def _suite(runs: int, slots: int, steps: int, threads: int) -> dict[str, Any]:
+def bench_suite(runs: int, slots: int, steps: int, threads: int, *, model: str = "conv4", size: int | None = None,
+                batch: int = 32, devices: Any = "cpu", model_kwargs: dict | None = None) -> dict[str, Any]:
+    """``runs`` equal runs (base, one seed each, final evaluation only) of ``model`` on ``synthetic`` data."""
     return {
         "name": "bench-makespan",
-        "description": "mpbench bench makespan: equal short runs on the pool launcher",
-        "grid": {"regularizer": ["base"], "model": ["conv4"], "dataset": ["synthetic"], "seed": list(range(runs))},
-        "train": {"steps": steps, "batch_size": 32, "eval_every": 0, "eval_batch_size": 500, "checkpoint_every": 0},
-        "model_kwargs": {"width": 8},
-        "launcher": {"name": "pool", "devices": "cpu", "slots": slots, "threads": threads, "max_retries": 0},
+        "description": "mpbench bench makespan/packing: equal short runs on the pool launcher",
+        "grid": {"regularizer": ["base"], "model": [model], "dataset": ["synthetic"], "seed": list(range(runs))},
+        "data": {"image_size": size},
+        "train": {"steps": steps, "batch_size": batch, "eval_every": 0, "eval_batch_size": 500,
+                  "checkpoint_every": 0},
+        "model_kwargs": {"width": 8} if model_kwargs is None else model_kwargs,
+        "launcher": {"name": "pool", "devices": devices, "slots": slots, "threads": threads, "max_retries": 0},
         "wandb": {"mode": "disabled"},
     }
 
 
-def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, threads: int | None = None,
-                   per_job_process: bool = False, verbose: bool = True, keep: Path | None = None) -> dict[str, Any]:
-    """Run the suite once and return (and print) its makespan, the sum of wall times, the ideal and their ratio.
-
-    ``threads`` per slot (default: cores / slots, at least 1); ``keep``: results dir to keep (default: a temporary
-    one, removed afterwards)."""
+def time_suite(suite: dict[str, Any], per_job_process: bool = False, keep: Path | None = None) -> dict[str, Any]:
+    """Run ``suite`` (a pool-launcher suite) as ``mpbench run`` drives it, in a fresh results dir; the makespan,
+    each run's ``wall_time_s`` and start, the worker processes, and how many were forked."""
     from mpbench.fork import pin_driver
 
     pin_driver()                                  # as `mpbench run` does: its workers can be forked from it
@@ -55,19 +56,16 @@ def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, thr
     from mpbench.plan import expand
     from mpbench.store import prepare_results_dir
 
-    steps = int(steps or DEFAULT_STEPS)
-    threads = int(threads or max(1, (os.cpu_count() or 1) // slots))
     tmp = Path(tempfile.mkdtemp(prefix="mpbench-makespan-"))
     res_dir = Path(keep) if keep else tmp / "results"
     if keep and res_dir.exists():
         shutil.rmtree(res_dir)
     try:
         path = tmp / "bench-makespan.yaml"
-        path.write_text(yaml.safe_dump(_suite(runs, slots, steps, threads)))
+        path.write_text(yaml.safe_dump(suite))
         cfg = load_suite(str(path), [])
         res = prepare_results_dir(res_dir)
         req = Request(expand(cfg), cfg, res, tmp / "data")
-        load_before = os.getloadavg()
         old = pool.JOBS_PER_WORKER
         pool.JOBS_PER_WORKER = 1 if per_job_process else 0
         try:
@@ -78,32 +76,46 @@ def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, thr
             del req                                       # closes the pool's workers (not timed)
         finally:
             pool.JOBS_PER_WORKER = old
-        load_after = os.getloadavg()
         logs = "".join(f.read_text() for f in (res / "pool").glob("slot*.log"))
-        forked = logs.count("worker forked from the driver")
         walls, starts, pids = [], [], set()
         for d in sorted((res / "runs").iterdir()):
             result = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else {}
             status = json.loads((d / "status.json").read_text())
             if result:
                 walls.append(float(result["wall_time_s"]))
-            starts.append(float(status.get("started") or t0))
+            starts.append(float(status.get("started") or t0) - t0)
             pids.add(status.get("pid"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return {"makespan_s": makespan, "walls": walls, "starts": starts, "pids": pids - {None},
+            "done": sum(1 for v in outcomes.values() if v == "done"),
+            "forked": logs.count("worker forked from the driver")}
+
+
+def bench_makespan(runs: int = 16, slots: int = 2, steps: int | None = None, threads: int | None = None,
+                   per_job_process: bool = False, verbose: bool = True, keep: Path | None = None) -> dict[str, Any]:
+    """Run the suite once and return (and print) its makespan, the sum of wall times, the ideal and their ratio.
+
+    ``threads`` per slot (default: cores / slots, at least 1); ``keep``: results dir to keep (default: a temporary
+    one, removed afterwards)."""
+    steps = int(steps or DEFAULT_STEPS)
+    threads = int(threads or max(1, (os.cpu_count() or 1) // slots))
+    load_before = os.getloadavg()
+    t = time_suite(bench_suite(runs, slots, steps, threads), per_job_process, keep)
+    load_after = os.getloadavg()
+    walls, starts, makespan = t["walls"], t["starts"], t["makespan_s"]
     total = sum(walls)
     ideal = total / slots
     out = {
         "mode": "one process per job" if per_job_process else "persistent workers",
-        "runs": runs, "slots": slots, "threads": threads, "steps": steps,
-        "done": sum(1 for v in outcomes.values() if v == "done"),
+        "runs": runs, "slots": slots, "threads": threads, "steps": steps, "done": t["done"],
         "makespan_s": makespan, "sum_wall_s": total, "ideal_s": ideal,
         "ratio": makespan / ideal if ideal else float("nan"),
         "run_wall_s": {"mean": statistics.mean(walls) if walls else None, "min": min(walls, default=None),
                        "max": max(walls, default=None)},
-        "first_start_s": min(starts) - t0 if starts else None,
-        "ratio_after_startup": (makespan - (min(starts) - t0)) / ideal if starts and ideal else float("nan"),
-        "worker_processes": len(pids - {None}), "forked": forked,
+        "first_start_s": min(starts) if starts else None,
+        "ratio_after_startup": (makespan - min(starts)) / ideal if starts and ideal else float("nan"),
+        "worker_processes": len(t["pids"]), "forked": t["forked"],
         "load_before": load_before, "load_after": load_after, "cores": os.cpu_count(),
     }
     if verbose:

@@ -350,67 +350,9 @@ def data_verify(name: str, root: str | None) -> None:
     console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
 
-@cli.command()
-@click.argument("what", type=click.Choice(["metaperturb", "loop", "regularizers", "throughput", "makespan"]))
-@click.option("--model", default="resnet20", show_default=True)
-@click.option("--batch", default=128, show_default=True)
-@click.option("--size", default=32, show_default=True, help="image size in pixels")
-@click.option("--threads", default=2, show_default=True)
-@click.option("--steps", default=20, show_default=True, help="measured steps per variant (interleaved)")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--impl", multiple=True, type=click.Choice(["fast", "pytorch", "reference", "release"]),
-              help="metaperturb: implementation(s) to time (default: fast and reference); fast uses the native "
-                   "CPU kernels where they build, pytorch is fast without them")
-@click.option("--channels-last", is_flag=True, help="metaperturb: run every variant in channels_last")
-@click.option("--method", default="base", show_default=True, help="throughput: the regularizer of the timed run")
-@click.option("--variant", "variants", multiple=True, metavar="NAME",
-              help="throughput: time only these variants (default: all; eager is always timed)")
-@click.option("--runs", default=16, show_default=True, help="makespan: equal runs in the suite")
-@click.option("--slots", default=2, show_default=True, help="makespan: pool slots (CPU)")
-@click.option("--per-job-process", is_flag=True,
-              help="makespan: a fresh worker process per job (the pool launcher before persistent workers)")
-@click.option("--malloc-tune/--no-malloc-tune", default=True, show_default=True,
-              help="keep freed memory in the process as training runs do (mpbench.malloc; MPBENCH_MALLOC_TUNE=0)")
-def bench(what: str, model: str, batch: int, size: int, threads: int, steps: int, device: str,
-          impl: tuple[str, ...], channels_last: bool, method: str, malloc_tune: bool, runs: int, slots: int,
-          per_job_process: bool, variants: tuple[str, ...] = ()) -> None:
-    """Step-time benchmarks, measured interleaved in one process (no timing asserts live in tests).
+from mpbench.cli_bench import bench  # noqa: E402  (the subcommand group lives in its own module)
 
-    \b
-    metaperturb   base vs MetaPerturb ms/step and their ratio
-    loop          mpbench's run loop vs a bare PyTorch loop (same model, batch, optimizer)
-    regularizers  every registered method's ms/step relative to base
-    throughput    ms/step and images/s under each execution option (and combinations) vs eager (--method)
-    makespan      a suite of --runs equal short runs on --slots pool slots: makespan vs sum of run times / slots
-                  (--steps per run, default 800; --threads per slot, default cores / slots)
-    """
-    if not malloc_tune:
-        os.environ["MPBENCH_MALLOC_TUNE"] = "0"
-    if what == "metaperturb":
-        from mpbench.bench import bench_metaperturb
-
-        bench_metaperturb(model, batch, size, threads, steps, impls=impl or ("fast", "reference"),
-                          channels_last=channels_last, device=device, malloc_tune=malloc_tune)
-        return
-    if what == "makespan":
-        from mpbench.bench_makespan import bench_makespan
-
-        given = click.get_current_context().get_parameter_source
-        default = click.core.ParameterSource.DEFAULT
-        bench_makespan(runs, slots, steps=None if given("steps") == default else steps,
-                       threads=None if given("threads") == default else threads, per_job_process=per_job_process)
-        return
-    if what == "throughput":
-        from mpbench.bench_throughput import bench_throughput, format_table, pick_variants
-
-        click.echo(format_table(bench_throughput(model, method, batch, size, threads, steps, device,
-                                                 variants=pick_variants(variants))))
-        return
-    from mpbench import bench_loop
-
-    fn = bench_loop.bench_loop if what == "loop" else bench_loop.bench_regularizers
-    for k, v in fn(model=model, batch=batch, size=size, threads=threads, steps=steps, device=device).items():
-        console.print(f"{k:>22}: {v}", highlight=False)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 #   1. the CUDA tests (the tests that skip without CUDA: -k "cuda or gpu"), incl. tests/test_execution.py's
 #   2. `mpbench bench throughput --device cuda` for ResNet-20 with base and with metaperturb (execution options)
 #   3. `mpbench bench metaperturb --device cuda` (MetaPerturb's step-time ratio, fast vs reference)
-#   4. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
+#   4. `mpbench bench packing --device cuda`: runs/hour with 1, 2, 4, 8 ResNet-20 runs per GPU (+ MPS if present)
+#   5. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
 #      its pool workers forked from the driver (MPBENCH_WORKER_START=fork: mpbench.fork)
 # Writes $OUT (default ./gpu_check_out): gpu_check.log (everything), one log per step, summary.json (each step's
 # exit code and seconds, the GPU, each quickstart run's execution record). Exit code: 0 all passed (or no GPU
@@ -88,21 +89,22 @@ step() {    # step NAME LIMIT_S CMD...: run with a time limit (clipped to what i
 }
 
 MP=("$PY" -m mpbench.cli)
-step cuda_tests 140 "$PY" -m pytest -q -rs -x -p no:cacheprovider -k "cuda or gpu" tests/
+step cuda_tests 100 "$PY" -m pytest -q -rs -x -p no:cacheprovider -k "cuda or gpu" tests/
 # every variant but the second compile (one cold torch.compile of ResNet-20's training step fits the budget)
-step throughput_base 120 "${MP[@]}" bench throughput --device cuda --model resnet20 --method base --batch 128 --size 32 --steps 20 \
+step throughput_base 100 "${MP[@]}" bench throughput --device cuda --model resnet20 --method base --batch 128 --size 32 --steps 20 \
   --variant channels_last --variant cudnn_benchmark --variant fused_adam --variant autocast=bf16 --variant compile \
   --variant cuda_graph --variant channels_last+fused_adam --variant channels_last+fused_adam+bf16 \
   --variant channels_last+cudnn+fused_adam+cuda_graph --variant channels_last+cudnn+fused_adam+bf16+cuda_graph
-step throughput_metaperturb 70 "${MP[@]}" bench throughput --device cuda --model resnet20 --method metaperturb --batch 128 --size 32 --steps 20 \
+step throughput_metaperturb 60 "${MP[@]}" bench throughput --device cuda --model resnet20 --method metaperturb --batch 128 --size 32 --steps 20 \
   --variant channels_last --variant cudnn_benchmark --variant fused_adam --variant autocast=bf16 --variant cuda_graph \
   --variant channels_last+fused_adam+bf16
-step bench_metaperturb 45 "${MP[@]}" bench metaperturb --device cuda --impl fast --impl reference --steps 30
-step quickstart 90 env MPBENCH_WORKER_START=fork "${MP[@]}" run suite=quickstart --results "$OUT/results" launcher.devices=auto launcher.slots=2 \
+step bench_metaperturb 35 "${MP[@]}" bench metaperturb --device cuda --impl fast --impl reference --steps 30
+step packing 60 "${MP[@]}" bench packing --device cuda --model resnet20 --size 32 --batch 128 --steps 100 --runs 8 \
+  --slots 1 --slots 2 --slots 4 --slots 8
+step quickstart 80 env MPBENCH_WORKER_START=fork "${MP[@]}" run suite=quickstart --results "$OUT/results" launcher.devices=auto launcher.slots=2 \
   grid.seed=[0] train.steps=30 train.eval_every=0 stages.pretrain.train.steps=30 stages.metatrain.steps=4 \
   reg.metaperturb.final_eval_passes=3 execution.channels_last=true execution.fused_adam=true \
   execution.cudnn_benchmark=true execution.cuda_graph=true
-
 if [ "$FAILED" -eq 0 ]; then summary passed "$GPU"; else summary failed "$GPU"; fi
 say "summary: $OUT/summary.json; log: $LOG; total $(( $(date +%s) - START ))s"
 exit "$FAILED"
