@@ -52,7 +52,8 @@ def pick_variants(names: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any
     return {n: VARIANTS[n] for n in VARIANTS if n == "eager" or n in names}
 
 
-def _device(device: str) -> torch.device:
+def bench_device(device: str) -> torch.device:
+    """``--device`` of a step-time benchmark as a torch device (a usage error when it is not here)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible here (use --device cpu)")
@@ -76,7 +77,7 @@ def bench_throughput(model: str = "resnet20", method: str = "base", batch: int =
 
     torch.set_num_threads(threads)
     tune_for_training()                                  # as every training run does (mpbench.malloc)
-    dev = _device(device)
+    dev = bench_device(device)
     variants = variants or VARIANTS
     warmup = max(3, GRAPH_WARMUP + 2) if warmup is None else warmup    # a graph replays from step GRAPH_WARMUP + 1
     fns, steppers, rows = {}, {}, {}

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-SLOT_COUNTS = (1, 2, 4, 8)
+SLOT_COUNTS = (1, 2, 4, 8)          # bench packing's slot counts and bench seedarray's array sizes
 
 
 def _step_options(fn: Callable) -> Callable:
@@ -137,3 +137,23 @@ def packing(slot_counts: tuple[int, ...], runs: int | None, steps: int | None, m
 
     click.echo(format_table(bench_packing(slot_counts or SLOT_COUNTS, runs, steps, model, size, batch, device,
                                           threads, mps)))
+
+
+@bench.command()
+@_step_options
+@click.option("--seeds", "array_sizes", type=int, multiple=True,
+              help="array sizes K to time (repeatable)  [default: 1, 2, 4, 8]")
+def seedarray(model: str, batch: int, size: int, threads: int, steps: int, device: str, malloc_tune: bool,
+              array_sizes: tuple[int, ...]) -> None:
+    """K seeds trained as one vmapped array vs K runs in sequence.
+
+    mpbench.seed_array: the runs of one spec that differ only by seed, stacked (torch.func); speed-up = K x the
+    plain run's ms/step / the array's."""
+    from mpbench.bench_seed_array import bench_seed_array, format_table
+    from mpbench.errors import UsageError
+
+    if any(k < 1 for k in array_sizes):
+        raise UsageError("bench seedarray: --seeds takes positive array sizes, e.g. --seeds 1 --seeds 4")
+    _malloc(malloc_tune)
+    click.echo(format_table(bench_seed_array(model, batch, size, array_sizes or SLOT_COUNTS, steps, device,
+                                             threads)))

@@ -4,7 +4,8 @@
 #   2. `mpbench bench throughput --device cuda` for ResNet-20 with base and with metaperturb (execution options)
 #   3. `mpbench bench metaperturb --device cuda` (MetaPerturb's step-time ratio, fast vs reference)
 #   4. `mpbench bench packing --device cuda`: runs/hour with 1, 2, 4, 8 ResNet-20 runs per GPU (+ MPS if present)
-#   5. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
+#   5. `mpbench bench seedarray --device cuda`: 1-16 ResNet-20 seeds as one vmapped array vs runs in sequence
+#   6. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
 #      its pool workers forked from the driver (MPBENCH_WORKER_START=fork: mpbench.fork)
 # Writes $OUT (default ./gpu_check_out): gpu_check.log (everything), one log per step, summary.json (each step's
 # exit code and seconds, the GPU, each quickstart run's execution record). Exit code: 0 all passed (or no GPU
@@ -101,6 +102,8 @@ step throughput_metaperturb 60 "${MP[@]}" bench throughput --device cuda --model
 step bench_metaperturb 35 "${MP[@]}" bench metaperturb --device cuda --impl fast --impl reference --steps 30
 step packing 60 "${MP[@]}" bench packing --device cuda --model resnet20 --size 32 --batch 128 --steps 100 --runs 8 \
   --slots 1 --slots 2 --slots 4 --slots 8
+step seedarray 30 "${MP[@]}" bench seedarray --device cuda --model resnet20 --batch 128 --size 32 --steps 20 \
+  --seeds 1 --seeds 2 --seeds 4 --seeds 8 --seeds 16
 step quickstart 80 env MPBENCH_WORKER_START=fork "${MP[@]}" run suite=quickstart --results "$OUT/results" launcher.devices=auto launcher.slots=2 \
   grid.seed=[0] train.steps=30 train.eval_every=0 stages.pretrain.train.steps=30 stages.metatrain.steps=4 \
   reg.metaperturb.final_eval_passes=3 execution.channels_last=true execution.fused_adam=true \

@@ -86,3 +86,34 @@ def test_pin_driver_pins_a_fresh_process_only():
     late = "import torch; from mpbench import fork; fork.pin_driver(); print(fork._PINNED['driver'])"
     assert subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, timeout=120,
                           env=_env(Path("/tmp"))).stdout.strip() == "False"
+
+
+def test_a_killed_forked_worker_is_replaced_by_a_forked_one_and_its_job_retried(make_suite, tmp_path):
+    import os
+    import signal
+    import time
+
+    from test_interrupts import _statuses
+
+    suite = make_suite(grid={"train.steps": [20, 400, 21]}, train={"eval_every": 0})
+    res = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-m", "mpbench.cli", "run", f"suite={suite}", "--results", str(res),
+                             "launcher.name=pool", "launcher.slots=1", "launcher.threads=1",
+                             "launcher.max_retries=1"], env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for st in _statuses(res).values():
+            if st.get("total") == 400 and st.get("state") == "running" and int(st.get("step") or 0) > 0:
+                killed = int(st["pid"])
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=180)
+    assert killed is not None and proc.returncode == 0, err
+    statuses = _statuses(res)
+    assert all(st["state"] == "done" for st in statuses.values()) and len(statuses) == 3
+    long = next(st for st in statuses.values() if st["total"] == 400)
+    assert long["attempts"] == 2 and long["pid"] != killed
+    log = (res / "pool" / "slot0.log").read_text()
+    assert log.count("worker forked from the driver") == 2, log
