@@ -21,8 +21,8 @@ def _attach_metaperturb(model: nn.Module, impl: str, size: int) -> list[str]:
 
     return attach_perturbation(
         model, size, owner=f"bench metaperturb: {type(model).__name__}",
-        impl="reference" if impl in ("reference", "release") else "fast",
-        native=impl == "fast",           # "pytorch": the fast path without the native CPU kernels
+        impl={"reference": "reference", "release": "reference", "triton": "triton"}.get(impl, "fast"),
+        native=impl != "pytorch",        # "pytorch": the fast path without its fused kernels (native C, Triton)
         # "release": the reference, phi still requiring gradients (not in the optimizer) as the authors' code runs
         trainable=impl == "release").sites
 
@@ -50,16 +50,18 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
                       num_classes: int = 100, seed: int = 0, channels_last: bool = False, malloc_tune: bool = True,
                       verbose: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Median ms per training step of ``model`` without ("base") and with MetaPerturb (one entry per ``impls``:
-    "fast" = mpbench's default implementation (native CPU kernels where they build), "pytorch" = the same without
-    the native kernels (what runs on GPUs), "reference" = the direct one, "release" = the direct one with phi still
-    requiring gradients as in the authors' code), measured interleaved.
+    "fast" = mpbench's default implementation (native CPU kernels where they build, Triton kernels on CUDA where
+    triton runs), "pytorch" = the same without those fused kernels, "triton" = the fast path forced onto the Triton
+    kernels (CUDA), "reference" = the direct one, "release" = the direct one with phi still requiring gradients as
+    in the authors' code), measured interleaved.
 
     ``channels_last`` runs every variant (network and input) in that memory format; ``malloc_tune`` (default, as
     every training run of mpbench) calls :func:`mpbench.malloc.tune_for_training` first (a process-wide setting:
     it cannot be undone, so ``malloc_tune=False`` measures glibc's defaults only in a fresh process).
 
     Returns ``{model, batch, size, threads, steps, warmup, torch, sites, channels_last, malloc_tune, base_ms,
-    base_cpu_ms, <impl>_ms, <impl>_ratio, <impl>_cpu_ms, <impl>_cpu_ratio}`` (wall-clock and process-CPU medians).
+    base_cpu_ms, <impl>_ms, <impl>_ratio, <impl>_cpu_ms, <impl>_cpu_ratio}`` (wall-clock and process-CPU medians;
+    ``cpu_kernel`` / ``gpu_kernel`` say which execution "fast" runs on the device, "n/a" on the other).
     """
     import timm
 
@@ -93,7 +95,7 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
                            "steps": steps,
                            "warmup": warmup, "torch": torch.__version__, "sites": len(sites),
                            "channels_last": bool(channels_last), "malloc_tune": tuned,
-                           "cpu_kernel": _cpu_kernel(device)}
+                           "cpu_kernel": _cpu_kernel(device), "gpu_kernel": _gpu_kernel(device)}
     med = {k: v * 1e3 for k, v in med.items()}
     cmed = {k: v * 1e3 for k, v in cmed.items()}
     out["base_ms"] = round(med["base"], 2)
@@ -114,11 +116,22 @@ def _cpu_kernel(device: str) -> str:
     return cpu_kernel() if torch.device(device).type == "cpu" else "n/a"
 
 
+def _gpu_kernel(device: str) -> str:
+    """What "fast" runs on a CUDA device: ``triton`` or ``pytorch (<why not triton>)``."""
+    if torch.device(device).type != "cuda":
+        return "n/a"
+    from regularizers import _perturb_triton
+
+    reason = _perturb_triton.why_unavailable()
+    return "triton" if reason is None else f"pytorch ({reason})"
+
+
 def format_result(r: dict[str, Any]) -> str:
+    kernel = next((r[k] for k in ("cpu_kernel", "gpu_kernel") if r.get(k, "n/a") != "n/a"), None)
     head = (f"metaperturb bench: {r['model']}, {r['device']}, batch {r['batch']}, {r['size']} px, {r['threads']} threads, "
             f"{r['sites']} sites, Adam step, median of {r['steps']} interleaved steps (torch {r['torch']}"
             f"{', channels_last' if r['channels_last'] else ''}{', malloc tuned' if r['malloc_tune'] else ''}"
-            f"{', fast = ' + r['cpu_kernel'] + ' kernels' if r.get('cpu_kernel', 'n/a') != 'n/a' else ''})")
+            f"{', fast = ' + kernel + ' kernels' if kernel else ''})")
     lines = [head, f"  {'':<10} {'wall ms/step':>12} {'ratio':>6}   {'cpu ms/step':>11} {'ratio':>6}",
              f"  {'base':<10} {r['base_ms']:12.1f} {1:6.2f}   {r['base_cpu_ms']:11.1f} {1:6.2f}"]
     for k in r:

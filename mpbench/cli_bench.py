@@ -42,9 +42,9 @@ def bench() -> None:
 
 @bench.command()
 @_step_options
-@click.option("--impl", multiple=True, type=click.Choice(["fast", "pytorch", "reference", "release"]),
+@click.option("--impl", multiple=True, type=click.Choice(["fast", "pytorch", "triton", "reference", "release"]),
               help="implementation(s) to time (default: fast and reference); fast uses the native CPU kernels "
-                   "where they build, pytorch is fast without them")
+                   "where they build and Triton's on CUDA, pytorch is fast without them, triton forces Triton's")
 @click.option("--channels-last", is_flag=True, help="run every variant in channels_last")
 def metaperturb(model: str, batch: int, size: int, threads: int, steps: int, device: str, malloc_tune: bool,
                 impl: tuple[str, ...], channels_last: bool) -> None:

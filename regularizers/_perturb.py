@@ -17,8 +17,9 @@ For a feature map ``h`` of shape (B, C, H, W) at site ``i``:
 
 Two implementations of the same function: :meth:`PerturbFunction._reference_forward` (direct, readable, straight
 from the spec, autograd does the rest) and the default fast one (``impl="fast"``) in
-:mod:`regularizers._perturb_fast` and, on the CPU, :mod:`regularizers._perturb_native` (how each is made fast is
-described there). Under autocast the reference runs.
+:mod:`regularizers._perturb_fast`, on the CPU :mod:`regularizers._perturb_native` and on CUDA
+:mod:`regularizers._perturb_triton` (``impl="triton"`` forces it; how each is made fast is described there). Under
+autocast the reference runs.
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ class PerturbFunction(nn.Module):
             raise ValueError(f"num_sites must be >= 1, got {num_sites}")
         if channels is not None and len(channels) != num_sites:
             raise ValueError(f"channels has {len(channels)} entries for {num_sites} sites")
-        if impl not in ("fast", "reference"):
-            raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+        if impl not in ("fast", "reference", "triton"):
+            raise ValueError(f"impl must be 'fast', 'reference' or 'triton', got {impl!r}")
         self.num_sites = int(num_sites)
         self.channel_norm = float(channel_norm)
         self.spatial_norm = float(spatial_norm)
@@ -108,7 +109,7 @@ class PerturbFunction(nn.Module):
         self.clip = None if clip is None else float(clip)
         self.release_var_factor = bool(release_var_factor)
         self.impl = impl
-        self.native = True          # frozen phi on float32 CPU tensors: the native kernels, where they build
+        self.native = True          # frozen phi, float32: the fused kernels (native C on CPU, Triton on CUDA)
         self.deterministic = False
         self.kernel = nn.Parameter(torch.empty(H_DIM, 1, 3, 3))
         self.phi_1 = ChannelEquivariantOp()

@@ -1,8 +1,10 @@
 """The fast execution of MetaPerturb's perturbation function (``PerturbFunction(impl="fast")``, the default).
 
 With phi frozen, stochastic, on float32 CPU tensors, the native kernels of :mod:`regularizers._perturb_native` run
-(where a C compiler builds them); everything else (GPUs, float64, trainable phi, deterministic mode, no compiler)
-runs the PyTorch execution below.
+(where a C compiler builds them); on float32 CUDA tensors the Triton kernels of :mod:`regularizers._perturb_triton`
+(the element-wise chain fused between cuDNN's convolutions; ``impl="triton"`` forces them) where triton runs;
+everything else (float64, trainable phi, deterministic mode, no compiler or triton) runs the PyTorch execution
+below (``PerturbFunction.native = False``: this execution on every device).
 
 It computes the same math as :meth:`regularizers._perturb.PerturbFunction._reference_forward` (the spec written
 out directly; ``tests/test_metaperturb.py`` compares the two, outputs and gradients), only faster, as measured
@@ -258,11 +260,13 @@ def _broadcast(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _frozen_weights(fn: "PerturbFunction", C: int, like: torch.Tensor) -> dict[str, Any]:
     """phi in ``like``'s dtype as contiguous (C, 1, 3, 3) depthwise kernels, with the rotated (adjoint) kernels and
     the negated phi_2 kernel, and the fc weights as floats; no autograd. Cached on ``fn``, keyed by C, dtype, device
-    and the 82 values of phi (a changed phi is a new key; at most 16 entries)."""
+    and each phi tensor's storage and version counter (a tensor's ``_version`` grows with every in-place write:
+    an optimizer step, ``load_phi``'s copy; a new ``.data`` is a new storage), so a changed phi is a new key
+    without reading its 82 values back (on a GPU that read was a host sync per site and step); at most 16
+    entries."""
     dt, dev = like.dtype, like.device
     params = (fn.kernel, fn.phi_1.w_identity, fn.phi_1.w_all, fn.phi_2.w_identity, fn.phi_2.w_all, fn.fc.weight)
-    with torch.no_grad():
-        key = (C, dt, dev, tuple(torch.cat([p.reshape(-1) for p in params]).tolist()))
+    key = (C, dt, dev, tuple((p.data_ptr(), p._version) for p in params))
     cache = fn.__dict__.setdefault("_frozen_weights_cache", {})
     w = cache.get(key)
     if w is not None:
@@ -357,8 +361,13 @@ def fast_forward(fn: "PerturbFunction", h: torch.Tensor, site: int, noise_coeff:
     rm, rv = fn._stats_for(site, C, h)
     grad = torch.is_grad_enabled()
     frozen = not (grad and (fn.phi_trainable or (fn.deterministic and h.requires_grad)))
-    if frozen and not fn.deterministic and fn.native and native.applies(h):
-        return native.native_forward(fn, h, rm, rv, float(noise_coeff), eps)
+    if frozen and not fn.deterministic:
+        if fn.impl == "triton" or (fn.native and h.is_cuda):
+            from regularizers import _perturb_triton as fused   # here: it imports this module, and triton
+            if fused.use(h, forced=fn.impl == "triton"):
+                return fused.triton_forward(fn, h, rm, rv, float(noise_coeff), eps)
+        elif fn.native and native.applies(h):
+            return native.native_forward(fn, h, rm, rv, float(noise_coeff), eps)
     own_eps = eps is None and not fn.deterministic
     if own_eps:
         eps = standard_normal(h.shape, h, memory_format=CL)

@@ -2,7 +2,7 @@
 # The checks that need a GPU, for a machine that has one, in at most 8 minutes (each step has its own time limit):
 #   1. the CUDA tests (the tests that skip without CUDA: -k "cuda or gpu"), incl. tests/test_execution.py's
 #   2. `mpbench bench throughput --device cuda` for ResNet-20 with base and with metaperturb (execution options)
-#   3. `mpbench bench metaperturb --device cuda` (MetaPerturb's step-time ratio, fast vs reference)
+#   3. `mpbench bench metaperturb --device cuda` (MetaPerturb's step-time ratio: fast = Triton-fused, pytorch = unfused, reference)
 #   4. `mpbench bench packing --device cuda`: runs/hour with 1, 2, 4, 8 ResNet-20 runs per GPU (+ MPS if present)
 #   5. `mpbench bench seedarray --device cuda`: 1-16 ResNet-20 seeds as one vmapped array vs runs in sequence
 #   6. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
@@ -99,7 +99,7 @@ step throughput_base 100 "${MP[@]}" bench throughput --device cuda --model resne
 step throughput_metaperturb 60 "${MP[@]}" bench throughput --device cuda --model resnet20 --method metaperturb --batch 128 --size 32 --steps 20 \
   --variant channels_last --variant cudnn_benchmark --variant fused_adam --variant autocast=bf16 --variant cuda_graph \
   --variant channels_last+fused_adam+bf16
-step bench_metaperturb 35 "${MP[@]}" bench metaperturb --device cuda --impl fast --impl reference --steps 30
+step bench_metaperturb 35 "${MP[@]}" bench metaperturb --device cuda --impl fast --impl pytorch --impl reference --steps 30
 step packing 60 "${MP[@]}" bench packing --device cuda --model resnet20 --size 32 --batch 128 --steps 100 --runs 8 \
   --slots 1 --slots 2 --slots 4 --slots 8
 step seedarray 30 "${MP[@]}" bench seedarray --device cuda --model resnet20 --batch 128 --size 32 --steps 20 \

@@ -264,6 +264,22 @@ def test_fast_equals_reference_frozen_phi(mode, coeff, cpu_backend):
         torch.testing.assert_close(fast.state_dict()[k], v, atol=1e-6, rtol=1e-5)
 
 
+def test_fast_path_sees_phi_changed_in_place_after_a_cached_forward(cpu_backend):
+    """The frozen kernels are cached per phi (by storage and version, no read-back): an in-place write to phi (an
+    optimizer step, load_phi) after a forward gives the new phi's output, equal to the reference's."""
+    ref, fast = pair(num_sites=1)
+    h, eps = torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        before = copy.deepcopy(fast)(h, eps=eps)
+        for fn in (ref, fast):
+            fn.kernel.mul_(-3.0)
+            fn.fc.weight.add_(0.5)
+        torch.testing.assert_close(fast(h, eps=eps), ref(h, eps=eps), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(fast(h, eps=eps), before, atol=1e-3)
+        fast.load_phi(copy.deepcopy(pair(num_sites=1)[1]).phi_state_dict())
+        torch.testing.assert_close(fast(h, eps=eps), before, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_equals_reference_when_clipping_and_in_channels_last(cpu_backend):
     ref, fast = pair(num_sites=1, clip=3.0)
     h = torch.randn(4, 6, 5, 5) * 4
@@ -479,8 +495,8 @@ def test_bench_smoke():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (scripts/gpu_check.sh)")
 def test_fast_path_on_cuda_equals_reference():
-    """On a GPU the PyTorch execution runs (the native kernels are CPU-only): outputs, gradients and the running
-    statistics equal the reference's for the same eps."""
+    """On a GPU the fast path (its Triton kernels where triton runs, else the PyTorch execution): outputs, gradients
+    and the running statistics equal the reference's for the same eps."""
     ref, fast = pair(num_sites=1, clip=3.0)
     ref, fast = ref.cuda(), fast.cuda()
     for mode in (True, False):
