@@ -72,3 +72,14 @@ def cli(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (exact numbers do not depend on the thread count), put back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

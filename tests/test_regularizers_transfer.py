@@ -21,12 +21,7 @@ MODEL = "resnet20"
 SRC_CLASSES, TGT_CLASSES = 7, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------

@@ -31,12 +31,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 LOSS_RTOL = 1e-5          # the loss is float32 in both dtypes (mpbench takes cross-entropy on float32 logits)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(seed: int, method: str = "base", model: str = "conv4", optimizer: str = "adam") -> dict:
