@@ -63,6 +63,15 @@ def bench_metaperturb(model: str = "resnet20", batch: int = 128, size: int = 32,
     base_cpu_ms, <impl>_ms, <impl>_ratio, <impl>_cpu_ms, <impl>_cpu_ratio}`` (wall-clock and process-CPU medians;
     ``cpu_kernel`` / ``gpu_kernel`` say which execution "fast" runs on the device, "n/a" on the other).
     """
+    if "triton" in impls:
+        from mpbench.errors import UsageError
+        from regularizers import _perturb_triton
+
+        why = _perturb_triton.why_unavailable() or (None if device.startswith("cuda") or _perturb_triton.INTERPRET
+                                                    else "the kernels run on CUDA tensors")
+        if why:
+            raise UsageError(f"--impl triton: {why}: run it with --device cuda on a GPU (or TRITON_INTERPRET=1 for "
+                             f"triton's slow CPU interpreter), or leave --impl triton out")
     import timm
 
     import mpbench.models  # noqa: F401  (registers the CIFAR nets into timm)

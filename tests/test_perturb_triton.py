@@ -28,12 +28,8 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(prev)
 
 
 def spy(monkeypatch):
@@ -243,3 +239,11 @@ def test_cuda_kernels_equal_pytorch_path(monkeypatch):
     a = tr(h, site=2)
     torch.manual_seed(5)
     torch.testing.assert_close(a, pt(h, site=2), atol=1e-4, rtol=1e-4)     # the same draw: torch's sampler
+
+
+def test_bench_refuses_triton_where_it_cannot_run(cli, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: --impl triton runs")
+    monkeypatch.setattr(_perturb_triton, "INTERPRET", False)
+    code, _, err = cli("bench", "metaperturb", "--impl", "triton", "--steps", "1")
+    assert code == 2 and "--impl triton" in err and "--device cuda" in err
