@@ -10,7 +10,8 @@ shares their memory copy-on-write. Fork is only safe from a driver that
   parent, then any parallel op in the child, never returns). A driver that runs no job in process computes
   nothing, so one thread costs it nothing;
 * has not initialised CUDA (a forked child cannot use it), and
-* runs no other Python thread (a lock it holds would stay locked in the child; e.g. rich's display refresh).
+* runs no other Python thread (a lock it holds would stay locked in the child; e.g. rich's display refresh), and no
+  more native threads than when it was pinned (a thread pool that ran in between: the same hang).
 
 Where any of these does not hold (or off Linux, or ``MPBENCH_WORKER_START=exec``) the pool starts
 ``python -m mpbench.worker --serve`` as before; so it does for GPU slots unless ``MPBENCH_WORKER_START=fork``
@@ -36,7 +37,7 @@ from typing import IO
 START_ENV = "MPBENCH_WORKER_START"       # "exec": never fork (the workers start as separate interpreters)
 PROCESS_NAME = b"mpbench-worker"
 PR_SET_NAME = 15
-_PINNED = {"driver": False}
+_PINNED: dict[str, object] = {"driver": False, "native_threads": 0}
 
 
 def pin_driver() -> None:
@@ -48,7 +49,7 @@ def pin_driver() -> None:
     import torch
 
     torch.set_num_threads(1)
-    _PINNED["driver"] = True
+    _PINNED.update(driver=True, native_threads=_native_threads())
 
 
 def unavailable(gpu: bool = False) -> str | None:
@@ -71,7 +72,18 @@ def unavailable(gpu: bool = False) -> str | None:
         return "the driver initialised CUDA"
     if threading.active_count() > 1:
         return f"the driver runs {threading.active_count() - 1} other thread(s)"
+    extra = _native_threads() - int(_PINNED.get("native_threads", 0))
+    if extra > 0:       # e.g. an OpenMP pool: the driver ran on more threads since it was pinned, then went back to 1
+        return f"the driver started {extra} native thread(s) since it was pinned (a forked child could hang on them)"
     return None
+
+
+def _native_threads() -> int:
+    """The process's native threads (Linux: /proc/self/task), Python's and every library's pools alike."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
 
 
 def preload() -> None:

@@ -49,7 +49,9 @@ def test_forked_workers_compute_what_exec_workers_compute(make_suite, tmp_path):
 def test_nothing_unsafe_is_forked(monkeypatch):
     """This test process imported torch without pinning it: no fork; and each other condition turns it off."""
     assert "pin_driver" in (fork.unavailable() or "")
+    monkeypatch.setattr(threading, "active_count", lambda: 1)      # earlier tests may have left daemon threads
     monkeypatch.setitem(fork._PINNED, "driver", True)
+    monkeypatch.setitem(fork._PINNED, "native_threads", fork._native_threads())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -63,14 +65,12 @@ def test_nothing_unsafe_is_forked(monkeypatch):
         torch.set_num_threads(2)
         assert "2 threads" in (fork.unavailable() or "")
         torch.set_num_threads(1)
-        stop = threading.Event()
-        other = threading.Thread(target=stop.wait, daemon=True)
-        other.start()
-        try:
-            assert "other thread" in (fork.unavailable() or "")
-        finally:
-            stop.set()
-            other.join()
+        monkeypatch.setattr(threading, "active_count", lambda: 2)
+        assert "other thread" in (fork.unavailable() or "")
+        monkeypatch.setattr(threading, "active_count", lambda: 1)
+        monkeypatch.setitem(fork._PINNED, "native_threads", fork._native_threads() - 1)   # a pool started since
+        assert "native thread" in (fork.unavailable() or "")
+        monkeypatch.setitem(fork._PINNED, "native_threads", fork._native_threads())
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
         assert "CUDA" in (fork.unavailable() or "")
     finally:
@@ -83,6 +83,11 @@ def test_pin_driver_pins_a_fresh_process_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**_env(Path("/tmp")), "OMP_NUM_THREADS": "2"}).stdout.split()
     assert out[:3] == ["True", "1", "None"], out
+    ran = ("from mpbench import fork; fork.pin_driver(); import torch; torch.set_num_threads(2); "
+           "x = torch.randn(512, 512); x @ x; torch.set_num_threads(1); print(fork.unavailable())")
+    out = subprocess.run([sys.executable, "-c", ran], capture_output=True, text=True, timeout=120,
+                         env=_env(Path("/tmp"))).stdout                  # the hang of the module docstring, refused
+    assert "native thread" in out, out
     late = "import torch; from mpbench import fork; fork.pin_driver(); print(fork._PINNED['driver'])"
     assert subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, timeout=120,
                           env=_env(Path("/tmp"))).stdout.strip() == "False"
