@@ -87,6 +87,10 @@ class ExecutionConfig:
     compile: bool = False               # torch.compile of the model's training forward
     compile_mode: str = "default"       # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     cuda_graph: bool = False            # the whole step in one CUDA graph (CUDA, graph-safe methods, Adam)
+    # runs of a wave that differ only by seed train as one vmapped model (mpbench/seed_array.py), each still its own
+    # run; not part of a run's identity: equal to separate runs to float tolerance (tests/test_seed_array.py)
+    seed_array: bool = False
+    seed_array_max: int = 16            # seeds per array at most
 
 
 @dataclass
@@ -351,6 +355,8 @@ def validate(cfg: DictConfig) -> None:
     check_positive("launcher.max_retries", cfg.launcher.max_retries, allow_zero=True)
     check_choice("execution.autocast", cfg.execution.autocast, AUTOCAST_MODES)
     check_choice("execution.compile_mode", cfg.execution.compile_mode, COMPILE_MODES)
+    if cfg.execution.seed_array_max < 2:
+        raise UsageError(f"execution.seed_array_max must be >= 2, got {cfg.execution.seed_array_max}")
     check_positive("launcher.jobs_per_task", cfg.launcher.jobs_per_task)
     from mpbench.jobs import stage_kinds
 

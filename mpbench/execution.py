@@ -18,6 +18,9 @@ option               what it does                                               
 ``cuda_graph``       the whole training step (augmentation, forward, loss, backward, Adam)  fp32 rounding (capturable
                      captured once in a CUDA graph and replayed; evaluation stays outside   Adam's bias correction
                      (CUDA only; methods must declare ``Regularizer.graph_safe``)          on the device)
+``seed_array``       runs of one wave that differ only by seed train as one vmapped model   fp32 rounding (tests/
+                     (mpbench/seed_array.py, at most ``seed_array_max`` seeds), each still  test_seed_array.py);
+                     its own run (directory, result, W&B run); eager step                   the other options off
 ===================  =====================================================================  =========================
 
 Identity: execution options are not part of a run's identity (its spec hash), as the launcher's settings are not:
@@ -53,7 +56,8 @@ from mpbench.config import AUTOCAST_MODES, COMPILE_MODES
 from mpbench.errors import RunFailed, UsageError, did_you_mean
 
 DEFAULTS: dict[str, Any] = {"channels_last": False, "cudnn_benchmark": False, "fused_adam": False,
-                            "autocast": "none", "compile": False, "compile_mode": "default", "cuda_graph": False}
+                            "autocast": "none", "compile": False, "compile_mode": "default", "cuda_graph": False,
+                            "seed_array": False, "seed_array_max": 16}
 _CUDNN_BENCHMARK = torch.backends.cudnn.benchmark     # the process's own setting (runs without the option)
 GRAPH_WARMUP = 3            # eager steps before the capture (lazy state: optimizer moments, cuDNN plans, compile)
 
@@ -65,9 +69,12 @@ def resolve(options: Mapping[str, Any] | None) -> dict[str, Any]:
         if k not in DEFAULTS:
             raise UsageError(f"unknown execution option {k!r}: {did_you_mean(k, list(DEFAULTS))}")
         out[k] = v
-    for k in ("channels_last", "cudnn_benchmark", "fused_adam", "compile", "cuda_graph"):
+    for k in ("channels_last", "cudnn_benchmark", "fused_adam", "compile", "cuda_graph", "seed_array"):
         if not isinstance(out[k], bool):
             raise UsageError(f"execution.{k} must be true or false, got {out[k]!r}")
+    if isinstance(out["seed_array_max"], bool) or not isinstance(out["seed_array_max"], int) or \
+            out["seed_array_max"] < 2:
+        raise UsageError(f"execution.seed_array_max must be an integer >= 2, got {out['seed_array_max']!r}")
     if out["autocast"] not in AUTOCAST_MODES:
         raise UsageError(f"execution.autocast={out['autocast']!r} is not valid: "
                          f"{did_you_mean(str(out['autocast']), AUTOCAST_MODES)}")
@@ -286,7 +293,9 @@ def unused_record(options: Mapping[str, Any] | None, why: str) -> dict[str, Any]
     """``execution`` of a job whose kind does not take training steps through the Stepper (e.g. meta-training)."""
     req = resolve(options)
     return {"requested": req, "applied": {}, "fallbacks": {k: why for k, v in req.items()
-                                                            if v != DEFAULTS[k] and k != "compile_mode"}, "notes": {}}
+                                                            if v != DEFAULTS[k] and k not in ("compile_mode",
+                                                                                               "seed_array_max")},
+            "notes": {}}
 
 
 def optimizer_state_for_checkpoint(state: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class Execution:
     hooks: RunHooks = field(default_factory=RunHooks)
     artifacts: dict[str, Path] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)   # options refused before the step was built, and why
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "Execution":
@@ -153,7 +154,7 @@ def _load_checkpoint(rd: RunDir) -> dict[str, Any] | None:
                         f"this run from step 0") from None
 
 
-def _resolve_artifacts(results: Path, spec: dict[str, Any]) -> dict[str, Path]:
+def resolve_artifacts(results: Path, spec: dict[str, Any]) -> dict[str, Path]:
     out = {}
     for kind, ref in spec.get("artifacts", {}).items():
         path = artifact_path(results, kind, ref)
@@ -178,21 +179,17 @@ def execute(results: Path, kind: str, run_id: str, ex: Execution, force: bool = 
             return "skipped"
         if force:
             rd.reset()
-        return _execute_claimed(rd, cfg, ex)
+        custom = getattr(JOB_KINDS.get(cfg["kind"]), "execute_claimed", None)   # a job of jobs (jobs/array.py)
+        return custom(rd, cfg, ex, force) if custom else execute_claimed_job(rd, cfg, ex)
     finally:
         claim.release()
 
 
-def _start(rd: RunDir, kind: type[JobKind], spec: dict[str, Any], ex: Execution) -> int:
-    """Per-process settings of a training job, and its status ``running``; returns the attempt number."""
+def process_settings(ex: Execution) -> None:
+    """Per-process settings of a training job: torch's threads, the allocator."""
     if ex.threads:
         torch.set_num_threads(ex.threads)
     tune_for_training()
-    attempts = int(rd.status().get("attempts", 0)) + 1
-    rd.update_status(state="running", attempts=attempts, host=os.uname().nodename, pid=os.getpid(),
-                     started=time.time(), error=None, note=None, slurm_job_id=slurm_job_id(), step=0,
-                     total=kind.steps(spec))
-    return attempts
 
 
 def _open_sink(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], ex: Execution):
@@ -234,10 +231,57 @@ def _hooks(rd: RunDir, kind: type[JobKind], spec: dict[str, Any], ex: Execution,
                     checkpoint_every=kind.checkpoint_every(spec), execution=dict(ex.options))
 
 
-def _record_failure(rd: RunDir, e: BaseException) -> None:
+def record_failure(rd: RunDir, e: BaseException) -> None:
     rd.path.mkdir(parents=True, exist_ok=True)
     atomic_write(rd.error_file, traceback.format_exc())
     rd.update_status(state="failed", error=describe_error(e), transient=is_transient(e))
+
+
+def guarded(rds: list[RunDir], sinks: list[Any], body: Callable[[StopFlag], None]) -> str | None:
+    """``body(stop)`` with every outcome but success recorded in each of ``rds`` (the jobs it trains): returns
+    ``interrupted`` or ``failed``, None when it finished; a second Ctrl-C propagates. ``sinks`` (filled by
+    ``body``) are closed either way."""
+    with StopFlag() as stop:
+        try:
+            body(stop)
+            return None
+        except Interrupted as e:
+            for rd in rds:
+                step = checkpoint_step(rd)
+                rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint",
+                                 checkpoint_step=step, **({"step": step} if step is not None else {}))
+            return "interrupted"
+        except KeyboardInterrupt:              # a second Ctrl-C: aborted before the checkpoint was written
+            for rd in rds:
+                then = "resumes from its last checkpoint" if rd.checkpoint.exists() else "restarts from step 0"
+                rd.update_status(state="pending", error=None, checkpoint_step=None,
+                                 note=f"interrupted before its checkpoint (second Ctrl-C); {then}")
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
+            for rd in rds:
+                record_failure(rd, e)
+            return "failed"
+        finally:
+            for sink in sinks:
+                if sink:
+                    sink.finish()
+
+
+def _execution_record(out: dict[str, Any], cfg: dict[str, Any], ex: Execution) -> dict[str, Any]:
+    """The execution options that ran, with each fallback and its reason (kinds without the Stepper: none
+    applied; a run that trained alone although ``seed_array`` was asked: why)."""
+    from mpbench.execution import unused_record
+
+    if "execution" not in out:
+        return unused_record(ex.options, f"a {cfg['kind']} job does not train through the Stepper")
+    rec = out["execution"]
+    if not isinstance(rec.get("requested"), dict):         # a kind's own record (meta-training's mode)
+        return rec
+    if rec["requested"].get("seed_array") and "seed_array" not in rec.get("applied", {}):
+        from mpbench.seed_array import why_alone
+
+        rec["fallbacks"].setdefault("seed_array", ex.fallbacks.get("seed_array") or why_alone(cfg["spec"]))
+    return rec
 
 
 def _result(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], out: dict[str, Any], ex: Execution,
@@ -253,50 +297,75 @@ def _result(rd: RunDir, cfg: dict[str, Any], kind: type[JobKind], out: dict[str,
         "images_per_s": out.get("images_per_s"), "steps": kind.steps(spec),
         "regularizers": out.get("regularizers", {}), "artifacts": spec.get("artifacts", {}),
         "attempts": attempts, "resumed": bool(state), "resumed_from_step": int(state["step"]) if state else None,
+        "execution": _execution_record(out, cfg, ex),
     }
-    # the execution options that ran, with each fallback and its reason (kinds without the Stepper: none applied)
-    if "execution" not in out:
-        from mpbench.execution import unused_record
-
-        result["execution"] = unused_record(ex.options, f"a {cfg['kind']} job does not train through the Stepper")
     result.update({k: v for k, v in out.items() if k not in result and k != "history"})
     return result
 
 
-def _execute_claimed(rd: RunDir, cfg: dict[str, Any], ex: Execution) -> str:
+@dataclass
+class Member:
+    """One job being trained, its run directory wired up (:func:`open_job`)."""
+
+    rd: RunDir
+    cfg: dict[str, Any]
+    kind: type[JobKind]
+    attempts: int
+    started: float
+    state: dict[str, Any] | None = None
+    sink: Any = None
+    hooks: RunHooks = field(default_factory=RunHooks)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.cfg["spec"]
+
+
+def start_job(rd: RunDir, cfg: dict[str, Any], ex: Execution) -> Member:
+    """A claimed job's per-process settings and status ``running`` (a new attempt)."""
     kind = JOB_KINDS.get(cfg["kind"])
-    spec = cfg["spec"]
-    attempts = _start(rd, kind, spec, ex)
-    started = time.time()
-    sink = None
-    with StopFlag() as stop:
-        try:
-            ex.artifacts = _resolve_artifacts(ex.results, spec)
-            state = _load_checkpoint(rd)
-            sink = _open_sink(rd, cfg, kind, ex)
-            ex.hooks = _hooks(rd, kind, spec, ex, state, sink, stop)
-            out = kind.execute(spec, rd, ex)
-            if sink:
-                sink.finish({k: v for k, v in out.get("final", {}).items() if isinstance(v, (int, float))})
-        except Interrupted as e:
-            step = checkpoint_step(rd)
-            rd.update_status(state="pending", error=None, note=f"interrupted ({e}); resumes from its checkpoint",
-                             checkpoint_step=step, **({"step": step} if step is not None else {}))
-            return "interrupted"
-        except KeyboardInterrupt:                  # a second Ctrl-C: aborted before the checkpoint was written
-            then = "resumes from its last checkpoint" if rd.checkpoint.exists() else "restarts from step 0"
-            rd.update_status(state="pending", error=None, checkpoint_step=None,
-                             note=f"interrupted before its checkpoint (second Ctrl-C); {then}")
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
-            _record_failure(rd, e)
-            return "failed"
-        finally:
-            if sink:
-                sink.finish()
-    if kind.is_stage():
-        write_json(rd.path / "artifact.json", {"kind": cfg["kind"], "id": rd.id, "spec": spec,
-                                               **{k: v for k, v in out.items() if k not in ("history", "final")}})
-    rd.mark_done(_result(rd, cfg, kind, out, ex, attempts, state, started))
-    rd.checkpoint.unlink(missing_ok=True)
+    process_settings(ex)
+    attempts = int(rd.status().get("attempts", 0)) + 1
+    rd.update_status(state="running", attempts=attempts, host=os.uname().nodename, pid=os.getpid(),
+                     started=time.time(), error=None, note=None, slurm_job_id=slurm_job_id(), step=0,
+                     total=kind.steps(cfg["spec"]))
+    return Member(rd, cfg, kind, attempts, time.time())
+
+
+def open_job(m: Member, ex: Execution, stop: StopFlag, sinks: list[Any]) -> None:
+    """A started job's checkpoint (if any), W&B run (appended to ``sinks``) and hooks."""
+    m.state = _load_checkpoint(m.rd)
+    m.sink = _open_sink(m.rd, m.cfg, m.kind, ex)
+    sinks.append(m.sink)
+    m.hooks = _hooks(m.rd, m.kind, m.spec, ex, m.state, m.sink, stop)
+
+
+def close_sink(m: Member, out: dict[str, Any]) -> None:
+    """A trained job's W&B run, closed with its final metrics as the summary."""
+    if m.sink:
+        m.sink.finish({k: v for k, v in out.get("final", {}).items() if isinstance(v, (int, float))})
+
+
+def finish_job(m: Member, out: dict[str, Any], ex: Execution) -> str:
+    """A trained job's result (and a stage's artifact record), done; its checkpoint removed."""
+    if m.kind.is_stage():
+        write_json(m.rd.path / "artifact.json", {"kind": m.cfg["kind"], "id": m.rd.id, "spec": m.spec,
+                                                 **{k: v for k, v in out.items() if k not in ("history", "final")}})
+    m.rd.mark_done(_result(m.rd, m.cfg, m.kind, out, ex, m.attempts, m.state, m.started))
+    m.rd.checkpoint.unlink(missing_ok=True)
     return "done"
+
+
+def execute_claimed_job(rd: RunDir, cfg: dict[str, Any], ex: Execution) -> str:
+    m = start_job(rd, cfg, ex)
+    sinks: list[Any] = []
+    out: dict[str, Any] = {}
+
+    def body(stop: StopFlag) -> None:
+        ex.artifacts = resolve_artifacts(ex.results, m.spec)
+        open_job(m, ex, stop, sinks)
+        ex.hooks = m.hooks
+        out.update(m.kind.execute(m.spec, rd, ex))
+        close_sink(m, out)
+
+    return guarded([rd], sinks, body) or finish_job(m, out, ex)

@@ -54,6 +54,11 @@ def supports(methods: RegularizerStack | Sequence[str]) -> str | None:
             f"model-reading hooks need their own equality test under vmap)")
 
 
+def why_alone(spec: dict[str, Any]) -> str:
+    """Why a run trained alone although ``execution.seed_array`` was asked (the reason recorded in its result)."""
+    return supports(spec["regularizer"]) or "no other seed of this run was due in the same wave"
+
+
 def seed_only(specs: Sequence[dict[str, Any]]) -> str | None:
     """None if ``specs`` are runs (one or more) with distinct seeds and otherwise equal, else why not."""
     if not specs:
@@ -120,8 +125,10 @@ class SeedArray:
         self.stack.end_forward()
         bad = [int(s["seed"]) for s, ok in zip(self.specs, torch.isfinite(losses).tolist()) if not ok]
         if bad:
-            raise RunFailed(f"non-finite loss at step {step} in seed(s) {bad}: lower train.lr or check the "
-                            f"regularizer's hparams")
+            e = RunFailed(f"non-finite loss at step {step} in seed(s) {bad}: lower train.lr or check the "
+                          f"regularizer's hparams")
+            e.seeds = bad                     # type: ignore[attr-defined]  (which seeds: the others can go on)
+            raise e
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.opt.step()

@@ -282,6 +282,20 @@ class TrainLog:
         self.images, self.seconds = int(state["images"]), float(state["seconds"])
 
 
+def loop_state(stepper_state: dict[str, Any], step: int, history: list[dict[str, Any]], train_time: float,
+               images: int, log: TrainLog) -> dict[str, Any]:
+    """A checkpoint: the Stepper's state, the RNGs and the loop's counters at ``step``."""
+    return {**stepper_state, "rng": rng_state(), "step": step, "history": history, "train_time": train_time,
+            "images": images, "log": log.state_dict()}
+
+
+def resume_counters(state: dict[str, Any], log: TrainLog) -> tuple[int, list[dict[str, Any]], float, int]:
+    """The loop's counters of a checkpoint (step, history, train time, images); ``log`` gets its window."""
+    if "log" in state:
+        log.load_state_dict(state["log"])
+    return int(state["step"]), list(state["history"]), float(state["train_time"]), int(state["images"])
+
+
 def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunHooks) -> dict[str, Any]:
     """Train for ``spec.train.steps`` with training rows and periodic evaluation; returns the final metrics."""
     t = spec["train"]
@@ -292,10 +306,7 @@ def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunH
     if state is not None:
         stepper.load_state_dict(state)
         set_rng_state(state["rng"])
-        start, history = int(state["step"]), list(state["history"])
-        train_time, images = float(state["train_time"]), int(state["images"])
-        if "log" in state:
-            log.load_state_dict(state["log"])
+        start, history, train_time, images = resume_counters(state, log)
         last_loss = next((r["loss"] for r in reversed(history) if r.get("split") == "train"), float("nan"))
 
     def emit(row: dict[str, Any]) -> None:
@@ -305,8 +316,7 @@ def train_loop(s: Setup, spec: dict[str, Any], device: torch.device, hooks: RunH
 
     def checkpoint(step: int) -> None:
         if hooks.save_checkpoint is not None:
-            hooks.save_checkpoint({**stepper.state_dict(), "rng": rng_state(), "step": step, "history": history,
-                                   "train_time": train_time, "images": images, "log": log.state_dict()})
+            hooks.save_checkpoint(loop_state(stepper.state_dict(), step, history, train_time, images, log))
 
     s.model.train()
     for step in range(start, t["steps"]):

@@ -175,7 +175,7 @@ def run_plan(req: Request) -> dict[str, str]:
         for attempt in range(req.launcher.max_retries + 1):
             if not todo:
                 break
-            outcomes = launch(req, todo)
+            outcomes = launch_grouped(req, launch, todo)
             req.outcomes.update(outcomes)
             if req.fail_fast and "failed" in outcomes.values():
                 return req.outcomes
@@ -186,6 +186,25 @@ def run_plan(req: Request) -> dict[str, str]:
             wait_for_others([j for j in stages if req.outcomes.get(j.id) == "busy"], req, launch)
             failed_artifacts |= {j.id for j in stages if req.outcomes.get(j.id) == "failed"}
     return req.outcomes
+
+
+def launch_grouped(req: Request, launch: Callable, todo: list[Job]) -> dict[str, str]:
+    """``launch(req, todo)``; with ``execution.seed_array``, each seed group as one array job, its outcome and
+    progress told per member run (mpbench/seed_groups.py)."""
+    from mpbench import seed_groups
+
+    options = OmegaConf.to_container(req.cfg.execution) if "execution" in req.cfg else {}
+    batch, arrays = seed_groups.group(todo, options, req.results)
+    if not arrays:
+        return launch(req, todo)
+    since, progress = time.time(), req.progress
+    if progress is not None:
+        req.progress = seed_groups.MemberProgress(progress, arrays, req, since)
+    try:
+        outcomes = launch(req, batch)
+    finally:
+        req.progress = progress
+    return seed_groups.unfold(outcomes, arrays, req.results, since)
 
 
 def wait_for_others(jobs: list[Job], req: Request, launch: Callable, poll_s: float = 1.0) -> None:
