@@ -6,7 +6,8 @@
 #   4. `mpbench bench packing --device cuda`: runs/hour with 1, 2, 4, 8 ResNet-20 runs per GPU (+ MPS if present)
 #   5. `mpbench bench seedarray --device cuda`: 1-16 ResNet-20 seeds as one vmapped array vs runs in sequence
 #   6. a short real suite: quickstart on the GPU(s) (launcher.devices=auto, few steps) with execution options on,
-#      its pool workers forked from the driver (MPBENCH_WORKER_START=fork: mpbench.fork)
+#      its pool workers forked from the driver (MPBENCH_WORKER_START=fork: mpbench.fork); then base x 4 seeds as
+#      seed arrays on the GPU (execution.seed_array=true)
 # Writes $OUT (default ./gpu_check_out): gpu_check.log (everything), one log per step, summary.json (each step's
 # exit code and seconds, the GPU, each quickstart run's execution record). Exit code: 0 all passed (or no GPU
 # here: nothing to check, said clearly), 1 some step failed or ran out of time.
@@ -49,9 +50,18 @@ for r in sorted((out / "results").glob("runs/*/result.json")):
         continue
     runs.append({"run": r.parent.name, "acc": res.get("final", {}).get("acc"), "device": res.get("device"),
                  "images_per_s": res.get("images_per_s"), "execution": res.get("execution")})
+arrays = []
+for r in sorted((out / "arrays").glob("runs/*/result.json")):
+    try:
+        res = json.loads(r.read_text())
+    except ValueError:
+        continue
+    arrays.append({"run": r.parent.name, "acc": res.get("final", {}).get("acc"), "device": res.get("device"),
+                   "seed_array": res.get("seed_array"), "train_time_s": res.get("train_time_s")})
 starts = [line for f in sorted((out / "results" / "pool").glob("slot*.log")) for line in f.read_text().splitlines()
           if " slot " in line and "worker" in line]
-json.dump({"status": status, "gpu": gpu, "steps": steps, "quickstart_runs": runs, "worker_starts": starts},
+json.dump({"status": status, "gpu": gpu, "steps": steps, "quickstart_runs": runs, "seed_array_runs": arrays,
+           "worker_starts": starts},
           open(out / "summary.json", "w"), indent=2)
 EOF
 }
@@ -90,9 +100,9 @@ step() {    # step NAME LIMIT_S CMD...: run with a time limit (clipped to what i
 }
 
 MP=("$PY" -m mpbench.cli)
-step cuda_tests 100 "$PY" -m pytest -q -rs -x -p no:cacheprovider -k "cuda or gpu" tests/
+step cuda_tests 90 "$PY" -m pytest -q -rs -x -p no:cacheprovider -k "cuda or gpu" tests/
 # every variant but the second compile (one cold torch.compile of ResNet-20's training step fits the budget)
-step throughput_base 100 "${MP[@]}" bench throughput --device cuda --model resnet20 --method base --batch 128 --size 32 --steps 20 \
+step throughput_base 90 "${MP[@]}" bench throughput --device cuda --model resnet20 --method base --batch 128 --size 32 --steps 20 \
   --variant channels_last --variant cudnn_benchmark --variant fused_adam --variant autocast=bf16 --variant compile \
   --variant cuda_graph --variant channels_last+fused_adam --variant channels_last+fused_adam+bf16 \
   --variant channels_last+cudnn+fused_adam+cuda_graph --variant channels_last+cudnn+fused_adam+bf16+cuda_graph
@@ -108,6 +118,8 @@ step quickstart 80 env MPBENCH_WORKER_START=fork "${MP[@]}" run suite=quickstart
   grid.seed=[0] train.steps=30 train.eval_every=0 stages.pretrain.train.steps=30 stages.metatrain.steps=4 \
   reg.metaperturb.final_eval_passes=3 execution.channels_last=true execution.fused_adam=true \
   execution.cudnn_benchmark=true execution.cuda_graph=true
+step seed_arrays 25 "${MP[@]}" run suite=quickstart --results "$OUT/arrays" launcher.devices=auto launcher.slots=2 \
+  grid.regularizer=[base] grid.seed=[0,1,2,3] train.steps=50 train.eval_every=25 execution.seed_array=true
 if [ "$FAILED" -eq 0 ]; then summary passed "$GPU"; else summary failed "$GPU"; fi
 say "summary: $OUT/summary.json; log: $LOG; total $(( $(date +%s) - START ))s"
 exit "$FAILED"
