@@ -45,11 +45,12 @@ class MemberLoop:
                                                   self.images, self.log))
 
     def add(self, done: int, steps: int, total: torch.Tensor, ce: torch.Tensor, batch: int, took: float,
-            lr: float) -> None:
+            lr: float, value: float) -> None:
+        """One step's bookkeeping; ``value``: ``total`` read back already (one read for all members)."""
         self.train_time, self.images = self.train_time + took, self.images + batch
         self.log.add(total, {"cross_entropy": ce}, batch, took)
         if self.hooks.on_step is not None:
-            self.hooks.on_step(done, steps, float(total))
+            self.hooks.on_step(done, steps, value)
         if done % self.log.every == 0 or done == steps:
             self.emit(self.log.row(done, lr, self.s.stack.scalars()))
 
@@ -89,8 +90,9 @@ def train_array(arr: SeedArray, members: list[MemberLoop], device: torch.device,
         if device.type == "cuda" and step % 50 == 0:
             torch.cuda.synchronize()
         took, done, lr = time.perf_counter() - tic, step + 1, float(arr.sched.get_last_lr()[0])
+        values = losses.tolist()                   # one host sync for the K progress values, not K
         for k, m in enumerate(members):
-            m.add(done, steps, losses[k], terms["cross_entropy"][k], batch, took, lr)
+            m.add(done, steps, losses[k], terms["cross_entropy"][k], batch, took, lr, values[k])
         if t["eval_every"] and done % t["eval_every"] == 0 and done < steps:
             arr.sync_models()
             for m in members:
