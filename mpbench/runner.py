@@ -253,9 +253,7 @@ def guarded(rds: list[RunDir], sinks: list[Any], body: Callable[[StopFlag], None
             return "interrupted"
         except KeyboardInterrupt:              # a second Ctrl-C: aborted before the checkpoint was written
             for rd in rds:
-                then = "resumes from its last checkpoint" if rd.checkpoint.exists() else "restarts from step 0"
-                rd.update_status(state="pending", error=None, checkpoint_step=None,
-                                 note=f"interrupted before its checkpoint (second Ctrl-C); {then}")
+                rd.mark_unsaved("second Ctrl-C")
             raise
         except Exception as e:  # noqa: BLE001 - every failure is recorded, the suite goes on
             for rd in rds:

@@ -92,9 +92,7 @@ def outcome_of(job: Job, array_id: str, array_outcome: str, results: Any, since:
         return "done"
     st = rd.status()
     if array_outcome == "interrupted" and st.get("state") == "running":     # its array died while stopping
-        then = "resumes from its last checkpoint" if rd.checkpoint.exists() else "restarts from step 0"
-        rd.update_status(state="pending", error=None, checkpoint_step=None,
-                         note=f"interrupted before its checkpoint (its seed array {array_id} stopped); {then}")
+        rd.mark_unsaved(f"its seed array {array_id} stopped")
     if st.get("state") == "failed" or array_outcome == "failed":
         if st.get("state") != "failed":
             rd.update_status(state="failed", error=ast.get("error") or f"its seed array {array_id} failed",
@@ -115,12 +113,10 @@ class MemberProgress:
         return getattr(self.inner, name)
 
     def started(self, run_id: str, total_steps: int | None, resume_from: int | str | None = None) -> None:
-        from mpbench.runner import checkpoint_step
+        from mpbench.launchers.local import resume_from as member_resumes_from
 
         for job in self.arrays.get(run_id, []):
-            rd = job.dir(self.req.results)
-            at = checkpoint_step(rd) if rd.checkpoint.exists() and not self.req.force else None
-            self.inner.started(job.id, total_steps, "?" if rd.checkpoint.exists() and at is None else at)
+            self.inner.started(job.id, total_steps, member_resumes_from(self.req, job))
         if run_id not in self.arrays:
             self.inner.started(run_id, total_steps, resume_from)
 

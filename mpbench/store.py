@@ -141,6 +141,12 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
 
+    def mark_unsaved(self, how: str) -> None:
+        """Stopped before its checkpoint was written (``how``: by what): pending again, never left running."""
+        then = "resumes from its last checkpoint" if self.checkpoint.exists() else "restarts from step 0"
+        self.update_status(state="pending", error=None, checkpoint_step=None,
+                           note=f"interrupted before its checkpoint ({how}); {then}")
+
     def mark_done(self, result: dict[str, Any]) -> None:
         write_json(self.result_file, result)
         atomic_write(self.done_file, "")

@@ -42,22 +42,19 @@ for line in (out / "steps.tsv").read_text().splitlines():
     name, rc, secs, limit, log = line.split("\t")
     steps.append({"step": name, "rc": int(rc), "seconds": int(secs), "limit_s": int(limit), "log": log,
                   "timed_out": int(rc) in (124, 137), "passed": int(rc) == 0})
-runs = []
-for r in sorted((out / "results").glob("runs/*/result.json")):
-    try:
-        res = json.loads(r.read_text())
-    except ValueError:
-        continue
-    runs.append({"run": r.parent.name, "acc": res.get("final", {}).get("acc"), "device": res.get("device"),
-                 "images_per_s": res.get("images_per_s"), "execution": res.get("execution")})
-arrays = []
-for r in sorted((out / "arrays").glob("runs/*/result.json")):
-    try:
-        res = json.loads(r.read_text())
-    except ValueError:
-        continue
-    arrays.append({"run": r.parent.name, "acc": res.get("final", {}).get("acc"), "device": res.get("device"),
-                   "seed_array": res.get("seed_array"), "train_time_s": res.get("train_time_s")})
+def results(folder, *keys):
+    """Each run's name, accuracy, device and ``keys`` from the result.json files under out/folder."""
+    rows = []
+    for r in sorted((out / folder).glob("runs/*/result.json")):
+        try:
+            res = json.loads(r.read_text())
+        except ValueError:
+            continue
+        rows.append({"run": r.parent.name, "acc": res.get("final", {}).get("acc"), "device": res.get("device"),
+                     **{k: res.get(k) for k in keys}})
+    return rows
+runs = results("results", "images_per_s", "execution")
+arrays = results("arrays", "seed_array", "train_time_s")
 starts = [line for f in sorted((out / "results" / "pool").glob("slot*.log")) for line in f.read_text().splitlines()
           if " slot " in line and "worker" in line]
 json.dump({"status": status, "gpu": gpu, "steps": steps, "quickstart_runs": runs, "seed_array_runs": arrays,

@@ -59,9 +59,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 def _mark_unsaved(rd: RunDir, how: str) -> None:
     """A worker that died before recording its stop: its run is pending again, never left ``running``."""
     if rd.state() == "running":
-        then = "resumes from its last checkpoint" if rd.checkpoint.exists() else "restarts from step 0"
-        rd.update_status(state="pending", error=None, checkpoint_step=None,
-                         note=f"interrupted before its checkpoint ({how}); {then}")
+        rd.mark_unsaved(how)
 
 
 @dataclass
